@@ -1,0 +1,26 @@
+"""Distributed K-FAC gradient preconditioning for PyTorch (standalone; no Hydra, no app).
+
+>>> from kfac_train.kfac import KFACPreconditioner
+>>> pre = KFACPreconditioner(model, factor_update_steps=10, inv_update_steps=100)
+>>> loss.backward(); pre.step(); optimizer.step()
+
+See ``docs/kfac.md`` for the arguments and conventions.
+"""
+
+from .assignment import LayerPlacement, WorkPlan, plan_work, resolve_grad_worker_fraction
+from .comm import COMM_KINDS
+from .kfac_layer import LayerShape
+from .layers import LayerHandler, register_handler
+from .preconditioner import KFACPreconditioner
+
+__all__ = [
+    "COMM_KINDS",
+    "KFACPreconditioner",
+    "LayerHandler",
+    "LayerPlacement",
+    "LayerShape",
+    "WorkPlan",
+    "plan_work",
+    "register_handler",
+    "resolve_grad_worker_fraction",
+]

@@ -1,0 +1,193 @@
+"""Work placement: which rank computes each layer's second-order data, and who preconditions.
+
+A pure, deterministic function of the layer shapes and the world (KAISA §3.2–3.4); no process
+group is needed to build or test a plan.
+
+The ``P`` ranks form an ``m × (P/m)`` grid, ``m = max(1, round(f·P))`` the number of gradient
+workers per layer for gradient-worker fraction ``f``:
+
+* gradient-worker groups are the grid's **columns** ``{c, c + P/m, c + 2P/m, ...}``; each layer
+  belongs to one column, whose ranks hold its second-order data and precondition its gradient;
+* receiver groups are the grid's **rows** (contiguous blocks of ``P/m`` ranks); in each row the
+  layer's one gradient worker broadcasts the preconditioned gradient to the others.
+
+``f = 1`` (COMM-OPT) is one column of all ranks (no gradient broadcast); ``f = 1/P`` (MEM-OPT) is
+``P`` singleton columns and one row (no second-order broadcast).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .kfac_layer import LayerShape
+
+STRATEGY_FRACTIONS = {"comm-opt": 1.0, "hybrid-opt": 0.5}
+MEM_OPT = "mem-opt"
+COST_MODELS = ("compute", "memory")
+
+
+def resolve_grad_worker_fraction(value: float | str, world_size: int) -> float:
+    """Turn a fraction or a strategy name (``comm-opt``, ``hybrid-opt``, ``mem-opt``) into a
+    float in ``(0, 1]``."""
+    if isinstance(value, str):
+        key = value.lower().replace("_", "-")
+        if key == MEM_OPT:
+            return 1.0 / world_size
+        if key not in STRATEGY_FRACTIONS:
+            raise ValueError(
+                f"unknown grad_worker_fraction {value!r}; use a float in (0, 1] or one of "
+                "'comm-opt', 'hybrid-opt', 'mem-opt'"
+            )
+        return STRATEGY_FRACTIONS[key]
+    fraction = float(value)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"grad_worker_fraction must be in (0, 1], got {value!r}")
+    return fraction
+
+
+def num_grad_workers(fraction: float, world_size: int) -> int:
+    """``m = max(1, round(f·P))``; ``P`` must be divisible by ``m``."""
+    m = max(1, round(fraction * world_size))
+    if world_size % m:
+        raise ValueError(
+            f"grad_worker_fraction={fraction} gives {m} gradient workers per layer, which does "
+            f"not divide world size {world_size}; choose a fraction f with P·f dividing P"
+        )
+    return m
+
+
+@dataclass(frozen=True)
+class LayerPlacement:
+    """Where one layer's work happens.
+
+    ``a_worker`` / ``g_worker`` compute the second-order data of ``A`` / ``G`` (the same rank
+    when factors are colocated); ``column`` indexes the layer's gradient-worker group.
+    """
+
+    a_worker: int
+    g_worker: int
+    column: int
+
+
+@dataclass(frozen=True)
+class WorkPlan:
+    """A placement of every layer on a ``num_grad_workers × (world_size/num_grad_workers)`` grid."""
+
+    world_size: int
+    num_grad_workers: int
+    colocate_factors: bool
+    layers: dict[str, LayerPlacement]
+
+    @property
+    def num_columns(self) -> int:
+        return self.world_size // self.num_grad_workers
+
+    def column_group(self, column: int) -> tuple[int, ...]:
+        """Ranks of gradient-worker group ``column``."""
+        return tuple(range(column, self.world_size, self.num_columns))
+
+    def row_group(self, row: int) -> tuple[int, ...]:
+        """Ranks of receiver group ``row``."""
+        start = row * self.num_columns
+        return tuple(range(start, start + self.num_columns))
+
+    def column_groups(self) -> list[tuple[int, ...]]:
+        return [self.column_group(c) for c in range(self.num_columns)]
+
+    def row_groups(self) -> list[tuple[int, ...]]:
+        return [self.row_group(r) for r in range(self.num_grad_workers)]
+
+    def row_of(self, rank: int) -> int:
+        return rank // self.num_columns
+
+    def column_of(self, rank: int) -> int:
+        return rank % self.num_columns
+
+    def grad_workers(self, name: str) -> tuple[int, ...]:
+        return self.column_group(self.layers[name].column)
+
+    def is_grad_worker(self, name: str, rank: int) -> bool:
+        return self.column_of(rank) == self.layers[name].column
+
+    def grad_source(self, name: str, rank: int) -> int:
+        """The gradient worker that sends layer ``name``'s preconditioned gradient to ``rank``."""
+        return self.row_of(rank) * self.num_columns + self.layers[name].column
+
+    def load(self, cost_of: dict[str, tuple[float, float]]) -> list[float]:
+        """Second-order cost placed on each rank, given ``(cost_A, cost_G)`` per layer."""
+        loads = [0.0] * self.world_size
+        for name, placement in self.layers.items():
+            cost_a, cost_g = cost_of[name]
+            loads[placement.a_worker] += cost_a
+            loads[placement.g_worker] += cost_g
+        return loads
+
+
+def factor_cost(n: int, cost: str) -> float:
+    """Cost of one ``n × n`` factor: ``n³`` (compute) or ``n²`` (memory)."""
+    if cost not in COST_MODELS:
+        raise ValueError(f"assignment_cost must be one of {COST_MODELS}, got {cost!r}")
+    return float(n**3 if cost == "compute" else n**2)
+
+
+def _least_loaded(candidates: Sequence[int], loads: Sequence[float]) -> int:
+    return min(candidates, key=lambda i: (loads[i], i))
+
+
+def plan_work(
+    shapes: Sequence[LayerShape],
+    world_size: int,
+    grad_worker_fraction: float | str = 1.0,
+    *,
+    colocate_factors: bool = True,
+    cost: str = "compute",
+) -> WorkPlan:
+    """Longest-processing-time greedy placement (KAISA).
+
+    Layers (or single factors, when not colocated) are taken in decreasing cost; each goes to the
+    least-loaded gradient-worker column and, inside it, to the least-loaded rank. Ties break on
+    the lowest index and on model order, so every rank computes the same plan.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    fraction = resolve_grad_worker_fraction(grad_worker_fraction, world_size)
+    m = num_grad_workers(fraction, world_size)
+    columns = world_size // m
+    if not colocate_factors and m != world_size:
+        raise ValueError(
+            "colocate_factors=False needs every rank to be a gradient worker "
+            f"(grad_worker_fraction=1, COMM-OPT); got fraction {fraction} on {world_size} ranks"
+        )
+    rank_load = [0.0] * world_size
+    column_load = [0.0] * columns
+    order = {s.name: i for i, s in enumerate(shapes)}
+    a_worker: dict[str, int] = {}
+    g_worker: dict[str, int] = {}
+    column_of: dict[str, int] = {}
+
+    if colocate_factors:
+        jobs = sorted(
+            shapes, key=lambda s: (-(factor_cost(s.a, cost) + factor_cost(s.g, cost)), order[s.name])
+        )
+        for s in jobs:
+            job_cost = factor_cost(s.a, cost) + factor_cost(s.g, cost)
+            column = _least_loaded(range(columns), column_load)
+            rank = _least_loaded(range(column, world_size, columns), rank_load)
+            column_load[column] += job_cost
+            rank_load[rank] += job_cost
+            a_worker[s.name] = g_worker[s.name] = rank
+            column_of[s.name] = column
+    else:
+        factor_jobs = [(s.name, "A", s.a) for s in shapes] + [(s.name, "G", s.g) for s in shapes]
+        factor_jobs.sort(key=lambda j: (-factor_cost(j[2], cost), order[j[0]], j[1]))
+        for name, kind, n in factor_jobs:
+            rank = _least_loaded(range(world_size), rank_load)
+            rank_load[rank] += factor_cost(n, cost)
+            (a_worker if kind == "A" else g_worker)[name] = rank
+            column_of[name] = 0
+
+    placements = {
+        s.name: LayerPlacement(a_worker[s.name], g_worker[s.name], column_of[s.name]) for s in shapes
+    }
+    return WorkPlan(world_size, m, colocate_factors, placements)

@@ -1,0 +1,69 @@
+"""One Kronecker factor: its per-step batch statistic, running average and second-order data."""
+
+from __future__ import annotations
+
+import torch
+
+
+class Factor:
+    """A symmetric ``n × n`` Kronecker factor (a layer's ``A`` or ``G``).
+
+    Holds three things with different lifetimes:
+
+    * the per-step *batch* statistic, summed over the micro-batches of one optimizer step
+      (``accumulate``) and averaged by :meth:`batch`;
+    * the *running average* ``F ← decay·F + (1 − decay)·F_batch``, starting from the identity
+      (checkpointed state);
+    * the *second-order data* derived from it: eigenvectors ``Q`` or the damped ``inverse``
+      (recomputable; only allocated on ranks that need it).
+    """
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.size = size
+        self.dtype = dtype
+        self.running = torch.eye(size, dtype=dtype, device=device)
+        self._batch_sum: torch.Tensor | None = None
+        self.batch_count = 0
+        self.eigvecs: torch.Tensor | None = None
+        self.inverse: torch.Tensor | None = None
+
+    def accumulate(self, rows: torch.Tensor) -> None:
+        """Add the statistic ``rowsᵀ rows / N`` of one micro-batch; ``rows`` is ``(N, size)``."""
+        rows = rows.to(self.dtype)
+        if self.running.device != rows.device:
+            self.running = self.running.to(rows.device)
+        stat = rows.T @ rows / rows.shape[0]
+        if self._batch_sum is None:
+            self._batch_sum = stat
+        else:
+            self._batch_sum.add_(stat)
+        self.batch_count += 1
+
+    def batch(self) -> torch.Tensor | None:
+        """The symmetrised mean of this step's micro-batch statistics (``None`` if none)."""
+        if self._batch_sum is None:
+            return None
+        mean = self._batch_sum / self.batch_count
+        return (mean + mean.T) / 2
+
+    def reset_batch(self) -> None:
+        self._batch_sum = None
+        self.batch_count = 0
+
+    def update_running(self, batch: torch.Tensor, decay: float) -> torch.Tensor:
+        """Fold ``batch`` into the running average unless it has inf/NaN entries.
+
+        Returns a 0-d bool tensor, ``True`` when the batch was dropped. No host synchronisation:
+        the check stays on the device.
+        """
+        batch = batch.to(self.running.dtype)
+        finite = torch.isfinite(batch).all()
+        updated = self.running * decay + batch * (1.0 - decay)
+        self.running = torch.where(finite, updated, self.running)
+        return ~finite
+
+    def second_order_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.eigvecs, self.inverse) if t is not None)
+
+    def running_bytes(self) -> int:
+        return self.running.numel() * self.running.element_size()

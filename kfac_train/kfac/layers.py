@@ -1,0 +1,147 @@
+"""Per-module-type statistics: how a layer's inputs and output gradients become factor rows.
+
+A :class:`LayerHandler` turns one forward input into the rows ``a`` of the input factor
+``A = aᵀa / N`` and one output gradient into the rows ``g`` of ``G = gᵀg / N``, following
+``kfac-math.md``. Handlers are looked up in an open registry keyed by module type
+(:func:`register_handler`), so new layer types plug in without touching the optimizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class LayerHandler(Protocol):
+    """Statistics and gradient layout of one module type."""
+
+    def input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Rows ``a`` of shape ``(N, a)``, already scaled so that ``A = aᵀa / N``."""
+
+    def output_grad_rows(self, module: nn.Module, grad_output: torch.Tensor) -> torch.Tensor:
+        """Rows ``g`` of shape ``(N, g)``, already scaled so that ``G = gᵀg / N``."""
+
+    def factor_sizes(self, module: nn.Module) -> tuple[int, int]:
+        """``(a, g)``: side lengths of ``A`` and ``G``."""
+
+    def skip_reason(self, module: nn.Module) -> str | None:
+        """Why this module cannot be handled, or ``None`` when it can."""
+
+
+def _with_bias_column(rows: torch.Tensor, has_bias: bool) -> torch.Tensor:
+    if not has_bias:
+        return rows
+    ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
+    return torch.cat([rows, ones], dim=1)
+
+
+def grad_matrix(module: nn.Module) -> torch.Tensor | None:
+    """The layer gradient ``[∇W, ∇b]`` as a ``(g, a)`` matrix, or ``None`` without a gradient.
+
+    Conv weights ``(out, C_in, kh, kw)`` flatten to ``(out, C_in·kh·kw)``, matching the column
+    order of :func:`torch.nn.functional.unfold`.
+    """
+    weight_grad = module.weight.grad
+    if weight_grad is None:
+        return None
+    grad = weight_grad.reshape(weight_grad.shape[0], -1)
+    bias = getattr(module, "bias", None)
+    if bias is not None and bias.grad is not None:
+        grad = torch.cat([grad, bias.grad.reshape(-1, 1)], dim=1)
+    elif bias is not None:
+        grad = torch.cat([grad, torch.zeros_like(grad[:, :1])], dim=1)
+    return grad
+
+
+def write_grad_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
+    """Write a ``(g, a)`` matrix back into ``weight.grad`` (and ``bias.grad``) in place."""
+    weight = module.weight
+    bias = getattr(module, "bias", None)
+    n_weight_cols = weight.grad.numel() // weight.grad.shape[0]
+    weight.grad.copy_(matrix[:, :n_weight_cols].reshape(weight.grad.shape))
+    if bias is not None and bias.grad is not None:
+        bias.grad.copy_(matrix[:, n_weight_cols].reshape(bias.grad.shape))
+
+
+class LinearHandler:
+    """``nn.Linear``: all leading input dimensions (batch, sequence, ...) collapse into rows."""
+
+    def input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        return _with_bias_column(rows, module.bias is not None)
+
+    def output_grad_rows(self, module: nn.Module, grad_output: torch.Tensor) -> torch.Tensor:
+        return grad_output.reshape(-1, grad_output.shape[-1])
+
+    def factor_sizes(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features + (module.bias is not None), module.out_features
+
+    def skip_reason(self, module: nn.Module) -> str | None:
+        # nn.MultiheadAttention reads out_proj.weight directly without calling the module, so its
+        # hooks never fire and no statistics could be collected.
+        if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            return "its forward() is bypassed by nn.MultiheadAttention"
+        return None
+
+
+class Conv2dHandler:
+    """``nn.Conv2d`` with ``groups == 1``: im2col patches, each scaled by ``1/S``.
+
+    ``S = H_out·W_out`` is the spatial size of the output; ``N = B·S`` rows.
+    """
+
+    def input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        padding = module.padding
+        if module.padding_mode != "zeros" or isinstance(padding, str):
+            # Explicit padding reproduces reflect/replicate/circular modes and "same" exactly.
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+            padding = 0
+        patches = F.unfold(
+            x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
+        )  # (B, C_in·kh·kw, S)
+        spatial = patches.shape[-1]
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        rows = _with_bias_column(rows, module.bias is not None)
+        return rows / spatial
+
+    def output_grad_rows(self, module: nn.Module, grad_output: torch.Tensor) -> torch.Tensor:
+        channels = grad_output.shape[1]
+        spatial = grad_output.shape[2] * grad_output.shape[3]
+        rows = grad_output.permute(0, 2, 3, 1).reshape(-1, channels)
+        return rows / spatial
+
+    def factor_sizes(self, module: nn.Module) -> tuple[int, int]:
+        kh, kw = module.kernel_size
+        return module.in_channels * kh * kw + (module.bias is not None), module.out_channels
+
+    def skip_reason(self, module: nn.Module) -> str | None:
+        if module.groups != 1:
+            return f"grouped convolution (groups={module.groups}) is not supported"
+        return None
+
+
+_HANDLERS: dict[type[nn.Module], LayerHandler] = {}
+
+
+def register_handler(module_type: type[nn.Module], handler: LayerHandler) -> None:
+    """Register ``handler`` for ``module_type`` and its subclasses."""
+    _HANDLERS[module_type] = handler
+
+
+def handler_for(module: nn.Module) -> LayerHandler | None:
+    """The handler for ``module``'s type (nearest registered base class), or ``None``."""
+    for cls in type(module).__mro__:
+        if cls in _HANDLERS:
+            return _HANDLERS[cls]
+    return None
+
+
+register_handler(nn.Linear, LinearHandler())
+register_handler(nn.Conv2d, Conv2dHandler())

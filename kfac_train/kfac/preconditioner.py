@@ -1,0 +1,539 @@
+"""``KFACPreconditioner``: hooks, the step, and the distributed schedule (KAISA)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .assignment import WorkPlan, plan_work, resolve_grad_worker_fraction
+from .bucketing import FactorAllReducer
+from .comm import GRAD_BROADCAST, SECOND_ORDER_BROADCAST, Pending, make_communicator
+from .hyperparams import Scheduled, is_due, resolve
+from .kfac_layer import COMPUTE_METHODS, EIGEN, KFACLayer
+from .layers import handler_for
+from .linalg import eigen_reciprocal
+
+logger = logging.getLogger(__name__)
+
+GRAD_SCALINGS = ("mean", "per_example")
+_SECOND_ORDER_KEYS = {EIGEN: ("Q_A", "Q_G", "recip"), "inverse": ("A_inv", "G_inv")}
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Factors are formed in ``factor_dtype``, never in an autocast dtype."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class KFACPreconditioner:
+    """Distributed K-FAC gradient preconditioner (conventions: ``docs/kfac.md``).
+
+    Use next to any optimizer: ``loss.backward(); pre.step(); optimizer.step()``. After
+    :meth:`step` the ``.grad`` of each registered layer's weight and bias holds the preconditioned
+    gradient; every other parameter keeps its plain gradient.
+
+    Hooks: on steps that update factors, a forward hook adds each micro-batch's input statistic to
+    ``A`` and a hook on the layer output adds the output-gradient statistic to ``G``. Forwards in
+    ``eval()`` mode or without grad, and all forwards of other steps, are not touched.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        factor_update_steps: Scheduled[int] = 1,
+        inv_update_steps: Scheduled[int] = 1,
+        damping: Scheduled[float] = 0.001,
+        factor_decay: Scheduled[float] = 0.95,
+        kl_clip: Scheduled[float] | None = 0.001,
+        lr: Scheduled[float] = 0.1,
+        compute_method: str = EIGEN,
+        accumulation_steps: int = 1,
+        grad_scaler: torch.amp.GradScaler | Callable[[], float] | None = None,
+        factor_dtype: torch.dtype = torch.float32,
+        inv_dtype: torch.dtype = torch.float32,
+        skip_layers: Sequence[str] = (),
+        grad_scaling: str = "mean",
+        grad_worker_fraction: float | str = 1.0,
+        bucket_cap_mb: float = 25.0,
+        symmetry_aware: bool = False,
+        comm_dtype: torch.dtype | None = None,
+        colocate_factors: bool = True,
+        assignment_cost: str = "compute",
+        overlap_comm: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if compute_method not in COMPUTE_METHODS:
+            raise ValueError(f"compute_method must be one of {COMPUTE_METHODS}, got {compute_method!r}")
+        if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be a positive int, got {accumulation_steps!r}")
+        if grad_scaling not in GRAD_SCALINGS:
+            raise ValueError(f"grad_scaling must be one of {GRAD_SCALINGS}, got {grad_scaling!r}")
+        if bucket_cap_mb <= 0:
+            raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
+        for label, dtype in (("factor_dtype", factor_dtype), ("inv_dtype", inv_dtype)):
+            if not dtype.is_floating_point:
+                raise ValueError(f"{label} must be a floating dtype, got {dtype}")
+        if isinstance(skip_layers, str):
+            skip_layers = (skip_layers,)
+
+        self.factor_update_steps = factor_update_steps
+        self.inv_update_steps = inv_update_steps
+        self.damping = damping
+        self.factor_decay = factor_decay
+        self.kl_clip = kl_clip
+        self.lr = lr
+        self.compute_method = compute_method
+        self.accumulation_steps = accumulation_steps
+        self.grad_scaler = grad_scaler
+        self.grad_scaling = grad_scaling
+        self.overlap_comm = overlap_comm
+
+        self.layers: dict[str, KFACLayer] = {}
+        self._by_module: dict[nn.Module, KFACLayer] = {}
+        self._hook_handles: list[Any] = []
+        self._register(model, [re.compile(p) for p in skip_layers], factor_dtype, inv_dtype)
+
+        self.comm = make_communicator(process_group)
+        self.grad_worker_fraction = resolve_grad_worker_fraction(
+            grad_worker_fraction, self.comm.world_size
+        )
+        self.plan: WorkPlan = plan_work(
+            [layer.shape for layer in self.layers.values()],
+            self.comm.world_size,
+            self.grad_worker_fraction,
+            colocate_factors=colocate_factors,
+            cost=assignment_cost,
+        )
+        self.comm.setup_groups(self.plan.column_groups() + self.plan.row_groups())
+        self._reducer: FactorAllReducer | None = None
+        if self.comm.world_size > 1:
+            self._reducer = FactorAllReducer(
+                self.comm,
+                [(name, (l.shape.a, l.shape.g)) for name, l in reversed(self.layers.items())],
+                bucket_cap_bytes=int(bucket_cap_mb * 2**20),
+                symmetry_aware=symmetry_aware,
+                comm_dtype=comm_dtype or factor_dtype,
+            )
+
+        self.steps = 0
+        self._force_factor_update = False
+        self._force_second_order = False
+        self._collecting = self._factor_update_due(0)
+        device = next(iter(self.layers.values())).A.running.device if self.layers else None
+        self._dropped = torch.zeros((), dtype=torch.int64, device=device)
+        self.last_kl_scale = torch.ones((), device=device)
+
+    # ------------------------------------------------------------------ registration
+    def _register(
+        self,
+        model: nn.Module,
+        patterns: list[re.Pattern[str]],
+        factor_dtype: torch.dtype,
+        inv_dtype: torch.dtype,
+    ) -> None:
+        root = model.module if isinstance(model, DistributedDataParallel) else model
+        for name, module in root.named_modules():
+            handler = handler_for(module)
+            if handler is None:
+                continue
+            kind = type(module).__name__
+            label = name or "<root>"
+            if any(p.search(name) or p.search(kind) for p in patterns):
+                logger.info("K-FAC: skipping %s (%s): matches skip_layers", label, kind)
+                continue
+            reason = handler.skip_reason(module)
+            if reason is not None:
+                logger.info("K-FAC: skipping %s (%s): %s", label, kind, reason)
+                continue
+            if not module.weight.requires_grad:
+                continue
+            layer = KFACLayer(label, module, handler, factor_dtype, inv_dtype)
+            self.layers[label] = layer
+            self._by_module[module] = layer
+            self._hook_handles.append(module.register_forward_hook(self._forward_hook))
+        if not self.layers:
+            warnings.warn("K-FAC: no layers were registered; step() leaves gradients as they are")
+
+    def remove_hooks(self) -> None:
+        """Detach every hook from the model (the preconditioner stops collecting statistics)."""
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.layers)
+
+    # ------------------------------------------------------------------ hooks
+    def _factor_update_due(self, step: int) -> bool:
+        return self._force_factor_update or is_due(
+            self.factor_update_steps, step, "factor_update_steps"
+        )
+
+    def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if not (self._collecting and module.training and torch.is_grad_enabled()):
+            return
+        layer = self._by_module[module]
+        x = inputs[0]
+        with torch.no_grad(), _no_autocast(x.device):
+            layer.accumulate_input(x.detach())
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(partial(self._output_grad_hook, layer))
+
+    def _output_grad_hook(self, layer: KFACLayer, grad: torch.Tensor) -> None:
+        with torch.no_grad(), _no_autocast(grad.device):
+            layer.accumulate_output_grad(grad.detach(), self._g_multiplier(grad))
+        k = self.accumulation_steps
+        if (
+            self._reducer is not None
+            and self.overlap_comm
+            and layer.A.batch_count == k
+            and layer.G.batch_count == k
+        ):
+            self._reducer.mark_ready(layer.name, [layer.A.batch(), layer.G.batch()])
+
+    def _g_multiplier(self, grad: torch.Tensor) -> torch.Tensor | float:
+        """``k / loss_scale`` (``× batch size`` for per-example scaling): undo the caller's
+        ``1/k`` loss division and the AMP loss scale before ``g`` enters ``G``."""
+        multiplier: torch.Tensor | float = float(self.accumulation_steps)
+        if self.grad_scaling == "per_example":
+            multiplier *= grad.shape[0]
+        scale = self._loss_scale()
+        return multiplier / scale if not isinstance(scale, float) or scale != 1.0 else multiplier
+
+    def _loss_scale(self) -> torch.Tensor | float:
+        scaler = self.grad_scaler
+        if scaler is None:
+            return 1.0
+        if not isinstance(scaler, torch.amp.GradScaler):
+            return float(scaler())
+        if not scaler.is_enabled():
+            return 1.0
+        # The scale tensor stays on the device: reading it with get_scale() would sync the host.
+        scale = getattr(scaler, "_scale", None)
+        return scale if scale is not None else 1.0
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> None:
+        """Precondition the gradients in place.
+
+        Phases and their communication (``P`` ranks, ``m`` gradient workers per layer):
+
+        1. *Reduce factors* (factor-update steps): the layers' batch factors are averaged over all
+           ranks by bucketed all-reduces, started during backward when ``overlap_comm``, and
+           folded into the running averages (batches with inf/NaN are dropped).
+        2. *Second-order data* (inverse-update steps): each layer's owner decomposes (eigen) or
+           inverts its factors and broadcasts the result to the layer's other gradient workers
+           (none under MEM-OPT).
+        3. *Precondition*: each gradient worker preconditions its layers' gradients.
+        4. *Broadcast gradients* (when ``m < P``): each gradient worker sends the preconditioned
+           gradient to its receiver group (none under COMM-OPT).
+        5. *Clip and write*: every rank scales by the KL-clip factor ν and writes ``.grad``.
+        """
+        step = self.steps
+        if self._collecting:
+            self._reduce_factors(float(resolve(self.factor_decay, step)))
+        if self._force_second_order or is_due(self.inv_update_steps, step, "inv_update_steps"):
+            self._update_second_order(float(resolve(self.damping, step)))
+        grads = {name: layer.grad() for name, layer in self.layers.items()}
+        grads = {name: g for name, g in grads.items() if g is not None}
+        preconditioned = self._precondition(grads)
+        self._broadcast_preconditioned(preconditioned)
+        self._clip_and_write(preconditioned, grads, step)
+        self.steps += 1
+        self._collecting = self._factor_update_due(self.steps)
+        self.comm.stats.end_step()
+
+    def _reduce_factors(self, decay: float) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"factor_decay must be in [0, 1] at step {self.steps}, got {decay}")
+        k = self.accumulation_steps
+        if self.overlap_comm and any(
+            layer.G.batch_count > k for layer in self.layers.values()
+        ) and self._reducer is not None:
+            raise RuntimeError(
+                "K-FAC: a layer ran more than accumulation_steps times in one step, so its "
+                "factors were sent before it finished; pass overlap_comm=False for models that "
+                "call a layer several times per forward"
+            )
+        if self._reducer is None:
+            batches = {
+                name: [layer.A.batch(), layer.G.batch()] for name, layer in self.layers.items()
+            }
+        else:
+            batches = self._reducer.finish(self._local_factors)
+        for name, layer in self.layers.items():
+            A_batch, G_batch = batches[name]
+            if A_batch is not None and G_batch is not None:
+                dropped = layer.A.update_running(A_batch, decay) | layer.G.update_running(
+                    G_batch, decay
+                )
+                self._dropped = self._dropped.to(dropped.device) + dropped
+            layer.A.reset_batch()
+            layer.G.reset_batch()
+        self._force_factor_update = False
+
+    def _local_factors(self, name: str) -> list[torch.Tensor]:
+        """This rank's batch factors; a layer without statistics here contributes its running
+        average, which leaves the average unchanged if no rank saw the layer."""
+        layer = self.layers[name]
+        A_batch, G_batch = layer.A.batch(), layer.G.batch()
+        if A_batch is None or G_batch is None:
+            return [layer.A.running, layer.G.running]
+        return [A_batch, G_batch]
+
+    def _warn_dropped(self) -> None:
+        dropped = int(self._dropped.item())  # inverse-update steps synchronise anyway
+        if dropped:
+            warnings.warn(
+                f"K-FAC: dropped {dropped} layer statistic(s) containing inf/NaN (AMP overflow?) "
+                "since the last second-order update; the factors kept their previous values",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._dropped.zero_()
+
+    def _update_second_order(self, damping: float) -> None:
+        self._warn_dropped()
+        rank, plan, method = self.comm.rank, self.plan, self.compute_method
+        pending: list[Pending] = []
+        finish: list[Callable[[], None]] = []
+        for name, layer in self.layers.items():
+            place = plan.layers[name]
+            if plan.colocate_factors:
+                if place.a_worker == rank:
+                    if method == EIGEN:
+                        layer.update_eigen_colocated(damping)
+                    else:
+                        layer.update_inverse(layer.A, damping)
+                        layer.update_inverse(layer.G, damping)
+                group = plan.column_group(place.column)
+                if rank in group and len(group) > 1:
+                    tensors = layer.second_order_tensors(method)
+                    pending.append(
+                        self.comm.broadcast(tensors, place.a_worker, group, SECOND_ORDER_BROADCAST)
+                    )
+            else:
+                finish.append(self._second_order_per_factor(layer, damping, pending))
+        for p in pending:
+            p.wait()
+        for f in finish:
+            f()
+        self._force_second_order = False
+
+    def _second_order_per_factor(
+        self, layer: KFACLayer, damping: float, pending: list[Pending]
+    ) -> Callable[[], None]:
+        """Non-colocated factors (COMM-OPT): ``A`` and ``G`` may be owned by different ranks; each
+        owner broadcasts its factor's data to all and every rank finishes the layer locally."""
+        rank, everyone = self.comm.rank, tuple(range(self.comm.world_size))
+        place = self.plan.layers[layer.name]
+        eig: dict[str, list[torch.Tensor]] = {}
+        for key, factor, owner in (("A", layer.A, place.a_worker), ("G", layer.G, place.g_worker)):
+            if self.compute_method == EIGEN:
+                if owner == rank:
+                    d, Q = layer.compute_eigen(factor)
+                else:
+                    dtype = torch.float64 if factor.dtype == torch.float64 else torch.float32
+                    device = factor.running.device
+                    d = torch.empty(factor.size, dtype=dtype, device=device)
+                    Q = torch.empty(factor.size, factor.size, dtype=dtype, device=device)
+                eig[key] = [Q, d]
+                pending.append(self.comm.broadcast([Q, d], owner, everyone, SECOND_ORDER_BROADCAST))
+            else:
+                if owner == rank:
+                    layer.update_inverse(factor, damping)
+                elif factor.inverse is None:
+                    factor.inverse = torch.empty(
+                        factor.size, factor.size, dtype=layer.inv_dtype, device=factor.running.device
+                    )
+                pending.append(
+                    self.comm.broadcast([factor.inverse], owner, everyone, SECOND_ORDER_BROADCAST)
+                )
+
+        def finish() -> None:
+            if self.compute_method != EIGEN:
+                return
+            (Q_A, d_A), (Q_G, d_G) = eig["A"], eig["G"]
+            layer.A.eigvecs = Q_A.to(layer.inv_dtype)
+            layer.G.eigvecs = Q_G.to(layer.inv_dtype)
+            layer.recip = eigen_reciprocal(d_G, d_A, damping).to(layer.inv_dtype)
+
+        return finish
+
+    def _precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        rank, out = self.comm.rank, {}
+        for name, grad in grads.items():
+            layer = self.layers[name]
+            if self.plan.is_grad_worker(name, rank) and layer.has_second_order():
+                out[name] = layer.precondition(grad, self.compute_method)
+            elif self.plan.is_grad_worker(name, rank):
+                out[name] = grad.clone()  # no second-order data yet: plain gradient
+            else:
+                out[name] = torch.empty_like(grad)
+        return out
+
+    def _broadcast_preconditioned(self, preconditioned: dict[str, torch.Tensor]) -> None:
+        plan, rank = self.plan, self.comm.rank
+        if plan.num_grad_workers == plan.world_size:
+            return
+        row = plan.row_group(plan.row_of(rank))
+        by_source: dict[int, list[torch.Tensor]] = {}
+        for name, V in preconditioned.items():
+            by_source.setdefault(plan.grad_source(name, rank), []).append(V)
+        pending = [
+            self.comm.broadcast(tensors, src, row, GRAD_BROADCAST)
+            for src, tensors in sorted(by_source.items())
+        ]
+        for p in pending:
+            p.wait()
+
+    def _clip_and_write(
+        self, preconditioned: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], step: int
+    ) -> None:
+        kl_clip = resolve(self.kl_clip, step)
+        if not preconditioned:
+            return
+        if kl_clip is None:
+            scale = torch.ones((), dtype=torch.float64, device=self.last_kl_scale.device)
+        else:
+            lr = float(resolve(self.lr, step))
+            vg = torch.stack(
+                [
+                    (V.to(torch.float64) * grads[name].to(torch.float64)).sum()
+                    for name, V in preconditioned.items()
+                ]
+            ).sum().abs() * lr**2
+            scale = torch.where(
+                vg > 0, torch.sqrt(kl_clip / vg).clamp(max=1.0), torch.ones_like(vg)
+            )
+        self.last_kl_scale = scale
+        for name, V in preconditioned.items():
+            self.layers[name].write_grad(V * scale.to(V.dtype))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self, include_factors: bool = True) -> dict[str, Any]:
+        """Step counter, factors and the second-order data in force, gathered on rank 0.
+
+        A collective in distributed runs: every rank must call it. Rank 0's result is complete;
+        other ranks return what they hold.
+        """
+        layers: dict[str, dict[str, torch.Tensor]] = {}
+        for name, layer in self.layers.items():
+            entry: dict[str, torch.Tensor] = {}
+            if include_factors:
+                entry["A"] = layer.A.running.detach().clone()
+                entry["G"] = layer.G.running.detach().clone()
+                entry.update(self._gather_second_order(layer))
+            layers[name] = entry
+        return {
+            "steps": self.steps,
+            "compute_method": self.compute_method,
+            "layers": layers,
+        }
+
+    def _gather_second_order(self, layer: KFACLayer) -> dict[str, torch.Tensor]:
+        keys = _SECOND_ORDER_KEYS[self.compute_method]
+        rank, place = self.comm.rank, self.plan.layers[layer.name]
+        holds = layer.has_second_order() and (
+            not self.plan.colocate_factors or self.plan.is_grad_worker(layer.name, rank)
+        )
+        root_holds = not self.plan.colocate_factors or self.plan.is_grad_worker(layer.name, 0)
+        if not root_holds and self.comm.world_size > 1:
+            if rank == place.a_worker:
+                self.comm.send(layer.second_order_tensors(self.compute_method), dst=0)
+            if rank == 0:
+                # Rank 0 receives into fresh buffers without becoming a gradient worker.
+                shapes = self._second_order_shapes(layer)
+                tensors = [
+                    torch.empty(s, dtype=layer.inv_dtype, device=layer.A.running.device)
+                    for s in shapes
+                ]
+                self.comm.recv(tensors, src=place.a_worker)
+                return dict(zip(keys, tensors))
+            return {}
+        if not holds:
+            return {}
+        tensors = layer.second_order_tensors(self.compute_method)
+        return {k: t.detach().clone() for k, t in zip(keys, tensors)}
+
+    def _second_order_shapes(self, layer: KFACLayer) -> list[tuple[int, ...]]:
+        a, g = layer.shape.a, layer.shape.g
+        if self.compute_method == EIGEN:
+            return [(a, a), (g, g), (g, a)]
+        return [(a, a), (g, g)]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (from any world size and strategy)."""
+        missing = [name for name in self.layers if name not in state.get("layers", {})]
+        if "steps" not in state or missing:
+            raise ValueError(
+                "K-FAC state does not match this model: "
+                + (f"missing layers {missing[:5]}" if missing else "no 'steps' entry")
+            )
+        self.steps = int(state["steps"])
+        keys = _SECOND_ORDER_KEYS[self.compute_method]
+        same_method = state.get("compute_method") == self.compute_method
+        for name, layer in self.layers.items():
+            entry = state["layers"][name]
+            if "A" not in entry or "G" not in entry:
+                self._force_factor_update = True
+                self._force_second_order = True
+                continue
+            device = layer.A.running.device
+            layer.A.running = entry["A"].to(device=device, dtype=layer.A.dtype).clone()
+            layer.G.running = entry["G"].to(device=device, dtype=layer.G.dtype).clone()
+            if not (same_method and all(k in entry for k in keys)):
+                self._force_second_order = True
+                continue
+            if self.plan.colocate_factors and not self.plan.is_grad_worker(name, self.comm.rank):
+                continue
+            for target, key in zip(layer.second_order_tensors(self.compute_method), keys):
+                target.copy_(entry[key].to(device=device, dtype=target.dtype))
+        self._collecting = self._factor_update_due(self.steps)
+
+    # ------------------------------------------------------------------ reporting
+    def comm_bytes(self) -> dict[str, dict[str, int]]:
+        """Payload bytes by kind (``factor_allreduce``, ``second_order_broadcast``,
+        ``grad_broadcast``) for the last step and in total, as seen by this rank."""
+        return self.comm.stats.as_dict()
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes of K-FAC state on this rank: running factors and second-order data."""
+        return {
+            "factors": sum(layer.factor_bytes() for layer in self.layers.values()),
+            "second_order": sum(layer.second_order_bytes() for layer in self.layers.values()),
+        }
+
+    def summary(self) -> str:
+        """A table of the registered layers with their factor shapes and bytes."""
+        world = self.comm.world_size
+        header = (
+            f"K-FAC: {len(self.layers)} layers, compute_method={self.compute_method}, "
+            f"world_size={world}, gradient workers per layer={self.plan.num_grad_workers}"
+        )
+        rows = [("layer", "type", "A", "G", "factor bytes")]
+        for name, layer in self.layers.items():
+            a, g = layer.shape.a, layer.shape.g
+            rows.append(
+                (name, type(layer.module).__name__, f"{a}x{a}", f"{g}x{g}", f"{layer.factor_bytes():,}")
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = [header]
+        for r in rows:
+            lines.append("  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        mem = self.memory_bytes()
+        lines.append(f"total: factors {mem['factors']:,} B, second-order {mem['second_order']:,} B")
+        return "\n".join(lines)
