@@ -7,7 +7,12 @@
 See ``docs/kfac.md`` for the arguments and conventions.
 """
 
-from .assignment import LayerPlacement, WorkPlan, plan_work, resolve_grad_worker_fraction
+from .assignment import (
+    LayerPlacement,
+    WorkPlan,
+    plan_work,
+    resolve_grad_worker_fraction,
+)
 from .comm import COMM_KINDS
 from .kfac_layer import LayerShape
 from .layers import LayerHandler, register_handler

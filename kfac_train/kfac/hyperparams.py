@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar, Union
+from typing import TypeVar
 
 T = TypeVar("T", int, float)
 
 #: A hyperparameter value: a constant or a function ``f(step) -> value``.
-Scheduled = Union[T, Callable[[int], T]]
+Scheduled = T | Callable[[int], T]
 
 
 def resolve(value: Scheduled[T] | None, step: int) -> T | None:

@@ -89,7 +89,17 @@ class KFACLayer:
             eye = torch.eye(factor.size, dtype=torch.float32, device=factor.running.device)
             return torch.full((factor.size,), float("nan"), device=eye.device), eye
 
-    def update_eigen_colocated(self, damping: float) -> None:
+    def factor_dampings(self, damping: float, factored: bool) -> tuple[float, float]:
+        """Damping added to ``A`` and to ``G`` by the inverse method: ``λ`` on each, or the
+        π-split ``(π√λ, √λ/π)`` when ``factored``."""
+        if not factored:
+            return damping, damping
+        return linalg.pi_split(
+            float(self.A.running.trace()), self.shape.a,
+            float(self.G.running.trace()), self.shape.g, damping,
+        )
+
+    def update_eigen_colocated(self, damping: float, factored: bool = False) -> None:
         """Decompose both factors and precompute ``recip``; on failure keep the previous data."""
         try:
             d_A, Q_A = linalg.eigh(self.A.running)
@@ -106,7 +116,7 @@ class KFACLayer:
             return
         self.A.eigvecs = Q_A.to(self.inv_dtype)
         self.G.eigvecs = Q_G.to(self.inv_dtype)
-        self.recip = linalg.eigen_reciprocal(d_G, d_A, damping).to(self.inv_dtype)
+        self.recip = linalg.eigen_reciprocal(d_G, d_A, damping, factored).to(self.inv_dtype)
 
     def update_inverse(self, factor: Factor, damping: float) -> None:
         """Damped inverse of one factor; on failure keep the previous one (or the identity)."""

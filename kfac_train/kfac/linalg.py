@@ -82,13 +82,35 @@ def damped_inverse(factor: torch.Tensor, damping: float) -> torch.Tensor:
     return inv.to(dtype)
 
 
-def eigen_reciprocal(d_G: torch.Tensor, d_A: torch.Tensor, damping: float) -> torch.Tensor:
-    """``1 / (d_G d_Aᵀ + damping)``, shape ``(g, a)``: the eigenbasis scaling of the eigen method.
+def pi_split(trace_A: float, a: int, trace_G: float, g: int, damping: float) -> tuple[float, float]:
+    """Factored Tikhonov damping (Ba et al. Eq. 3; Osawa et al. SP-NGD Eq. 12).
 
-    Non-finite entries (a factor whose decomposition failed is marked by NaN eigenvalues) become 1,
-    which leaves that layer's gradient unpreconditioned.
+    Returns ``(λ_A, λ_G) = (π√λ, √λ/π)`` with ``π = sqrt((tr A / a) / (tr G / g))``, so that
+    ``(A + λ_A I) ⊗ (G + λ_G I)`` spreads the damping by the factors' mean eigenvalues.
     """
-    recip = 1.0 / (torch.outer(d_G, d_A) + damping)
+    mean_A, mean_G = trace_A / a, trace_G / g
+    pi = (mean_A / mean_G) ** 0.5 if mean_A > 0 and mean_G > 0 else 1.0
+    root = damping**0.5
+    return pi * root, root / pi
+
+
+def eigen_reciprocal(
+    d_G: torch.Tensor, d_A: torch.Tensor, damping: float, factored: bool = False
+) -> torch.Tensor:
+    """The eigenbasis scaling of the eigen method, shape ``(g, a)``.
+
+    ``1 / (d_G d_Aᵀ + damping)`` (exact Tikhonov, the default), or with ``factored`` damping
+    ``1 / ((d_G + λ_G)(d_A + λ_A)ᵀ)`` (see :func:`pi_split`). Non-finite entries (a factor whose
+    decomposition failed is marked by NaN eigenvalues) become 1, which leaves that layer's
+    gradient unpreconditioned.
+    """
+    if factored:
+        lam_A, lam_G = pi_split(
+            float(d_A.sum()), d_A.numel(), float(d_G.sum()), d_G.numel(), damping
+        )
+        recip = 1.0 / torch.outer(d_G + lam_G, d_A + lam_A)
+    else:
+        recip = 1.0 / (torch.outer(d_G, d_A) + damping)
     return torch.where(torch.isfinite(recip), recip, torch.ones_like(recip))
 
 

@@ -59,6 +59,7 @@ class KFACPreconditioner:
         kl_clip: Scheduled[float] | None = 0.001,
         lr: Scheduled[float] = 0.1,
         compute_method: str = EIGEN,
+        factored_damping: bool = False,
         accumulation_steps: int = 1,
         grad_scaler: torch.amp.GradScaler | Callable[[], float] | None = None,
         factor_dtype: torch.dtype = torch.float32,
@@ -95,6 +96,7 @@ class KFACPreconditioner:
         self.kl_clip = kl_clip
         self.lr = lr
         self.compute_method = compute_method
+        self.factored_damping = factored_damping
         self.accumulation_steps = accumulation_steps
         self.grad_scaler = grad_scaler
         self.grad_scaling = grad_scaling
@@ -315,10 +317,11 @@ class KFACPreconditioner:
             if plan.colocate_factors:
                 if place.a_worker == rank:
                     if method == EIGEN:
-                        layer.update_eigen_colocated(damping)
+                        layer.update_eigen_colocated(damping, self.factored_damping)
                     else:
-                        layer.update_inverse(layer.A, damping)
-                        layer.update_inverse(layer.G, damping)
+                        damp_A, damp_G = layer.factor_dampings(damping, self.factored_damping)
+                        layer.update_inverse(layer.A, damp_A)
+                        layer.update_inverse(layer.G, damp_G)
                 group = plan.column_group(place.column)
                 if rank in group and len(group) > 1:
                     tensors = layer.second_order_tensors(method)
@@ -341,7 +344,11 @@ class KFACPreconditioner:
         rank, everyone = self.comm.rank, tuple(range(self.comm.world_size))
         place = self.plan.layers[layer.name]
         eig: dict[str, list[torch.Tensor]] = {}
-        for key, factor, owner in (("A", layer.A, place.a_worker), ("G", layer.G, place.g_worker)):
+        damp_A, damp_G = layer.factor_dampings(damping, self.factored_damping)
+        for key, factor, owner, factor_damping in (
+            ("A", layer.A, place.a_worker, damp_A),
+            ("G", layer.G, place.g_worker, damp_G),
+        ):
             if self.compute_method == EIGEN:
                 if owner == rank:
                     d, Q = layer.compute_eigen(factor)
@@ -354,7 +361,7 @@ class KFACPreconditioner:
                 pending.append(self.comm.broadcast([Q, d], owner, everyone, SECOND_ORDER_BROADCAST))
             else:
                 if owner == rank:
-                    layer.update_inverse(factor, damping)
+                    layer.update_inverse(factor, factor_damping)
                 elif factor.inverse is None:
                     factor.inverse = torch.empty(
                         factor.size, factor.size, dtype=layer.inv_dtype, device=factor.running.device
@@ -369,7 +376,9 @@ class KFACPreconditioner:
             (Q_A, d_A), (Q_G, d_G) = eig["A"], eig["G"]
             layer.A.eigvecs = Q_A.to(layer.inv_dtype)
             layer.G.eigvecs = Q_G.to(layer.inv_dtype)
-            layer.recip = eigen_reciprocal(d_G, d_A, damping).to(layer.inv_dtype)
+            layer.recip = eigen_reciprocal(d_G, d_A, damping, self.factored_damping).to(
+                layer.inv_dtype
+            )
 
         return finish
 
