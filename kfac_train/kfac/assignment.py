@@ -167,11 +167,12 @@ def plan_work(
     column_of: dict[str, int] = {}
 
     if colocate_factors:
-        jobs = sorted(
-            shapes, key=lambda s: (-(factor_cost(s.a, cost) + factor_cost(s.g, cost)), order[s.name])
-        )
-        for s in jobs:
-            job_cost = factor_cost(s.a, cost) + factor_cost(s.g, cost)
+
+        def layer_cost(s: LayerShape) -> float:
+            return factor_cost(s.a, cost) + factor_cost(s.g, cost)
+
+        for s in sorted(shapes, key=lambda s: (-layer_cost(s), order[s.name])):
+            job_cost = layer_cost(s)
             column = _least_loaded(range(columns), column_load)
             rank = _least_loaded(range(column, world_size, columns), rank_load)
             column_load[column] += job_cost
@@ -188,6 +189,7 @@ def plan_work(
             column_of[name] = 0
 
     placements = {
-        s.name: LayerPlacement(a_worker[s.name], g_worker[s.name], column_of[s.name]) for s in shapes
+        s.name: LayerPlacement(a_worker[s.name], g_worker[s.name], column_of[s.name])
+        for s in shapes
     }
     return WorkPlan(world_size, m, colocate_factors, placements)

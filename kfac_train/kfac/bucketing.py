@@ -94,9 +94,7 @@ class FactorAllReducer:
         buffer = torch.cat([p.to(self.comm_dtype) for p in pieces])
         self._pending.append((self.comm.allreduce_sum(buffer, FACTOR_ALLREDUCE), buffer, names))
 
-    def finish(
-        self, local: Callable[[str], list[torch.Tensor]]
-    ) -> dict[str, list[torch.Tensor]]:
+    def finish(self, local: Callable[[str], list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
         """Launch the remaining buckets (``local(name)`` supplies a layer's tensors if it never
         became ready) and return every layer's rank-averaged factors, in their original dtype."""
         for names in self.buckets[self._launched :]:

@@ -63,7 +63,8 @@ class Factor:
         return ~finite
 
     def second_order_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.eigvecs, self.inverse) if t is not None)
+        held = (t for t in (self.eigvecs, self.inverse) if t is not None)
+        return sum(t.numel() * t.element_size() for t in held)
 
     def running_bytes(self) -> int:
         return self.running.numel() * self.running.element_size()

@@ -95,8 +95,11 @@ class KFACLayer:
         if not factored:
             return damping, damping
         return linalg.pi_split(
-            float(self.A.running.trace()), self.shape.a,
-            float(self.G.running.trace()), self.shape.g, damping,
+            float(self.A.running.trace()),
+            self.shape.a,
+            float(self.G.running.trace()),
+            self.shape.g,
+            damping,
         )
 
     def update_eigen_colocated(self, damping: float, factored: bool = False) -> None:
@@ -105,7 +108,7 @@ class KFACLayer:
             d_A, Q_A = linalg.eigh(self.A.running)
             d_G, Q_G = linalg.eigh(self.G.running)
         except linalg.DecompositionError as err:
-            kept = "its previous second-order data" if self.recip is not None else "its plain gradient"
+            kept = "its previous data" if self.recip is not None else "its plain gradient"
             warnings.warn(
                 f"K-FAC: eigendecomposition of layer {self.name!r} failed ({err}); it keeps {kept}",
                 RuntimeWarning,

@@ -76,9 +76,13 @@ class KFACPreconditioner:
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
         if compute_method not in COMPUTE_METHODS:
-            raise ValueError(f"compute_method must be one of {COMPUTE_METHODS}, got {compute_method!r}")
+            raise ValueError(
+                f"compute_method must be one of {COMPUTE_METHODS}, got {compute_method!r}"
+            )
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
-            raise ValueError(f"accumulation_steps must be a positive int, got {accumulation_steps!r}")
+            raise ValueError(
+                f"accumulation_steps must be a positive int, got {accumulation_steps!r}"
+            )
         if grad_scaling not in GRAD_SCALINGS:
             raise ValueError(f"grad_scaling must be one of {GRAD_SCALINGS}, got {grad_scaling!r}")
         if bucket_cap_mb <= 0:
@@ -123,7 +127,7 @@ class KFACPreconditioner:
         if self.comm.world_size > 1:
             self._reducer = FactorAllReducer(
                 self.comm,
-                [(name, (l.shape.a, l.shape.g)) for name, l in reversed(self.layers.items())],
+                [(n, (layer.shape.a, layer.shape.g)) for n, layer in reversed(self.layers.items())],
                 bucket_cap_bytes=int(bucket_cap_mb * 2**20),
                 symmetry_aware=symmetry_aware,
                 comm_dtype=comm_dtype or factor_dtype,
@@ -166,7 +170,10 @@ class KFACPreconditioner:
             self._by_module[module] = layer
             self._hook_handles.append(module.register_forward_hook(self._forward_hook))
         if not self.layers:
-            warnings.warn("K-FAC: no layers were registered; step() leaves gradients as they are")
+            warnings.warn(
+                "K-FAC: no layers were registered; step() leaves gradients as they are",
+                stacklevel=3,
+            )
 
     def remove_hooks(self) -> None:
         """Detach every hook from the model (the preconditioner stops collecting statistics)."""
@@ -262,9 +269,11 @@ class KFACPreconditioner:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"factor_decay must be in [0, 1] at step {self.steps}, got {decay}")
         k = self.accumulation_steps
-        if self.overlap_comm and any(
-            layer.G.batch_count > k for layer in self.layers.values()
-        ) and self._reducer is not None:
+        if (
+            self.overlap_comm
+            and any(layer.G.batch_count > k for layer in self.layers.values())
+            and self._reducer is not None
+        ):
             raise RuntimeError(
                 "K-FAC: a layer ran more than accumulation_steps times in one step, so its "
                 "factors were sent before it finished; pass overlap_comm=False for models that "
@@ -363,9 +372,7 @@ class KFACPreconditioner:
                 if owner == rank:
                     layer.update_inverse(factor, factor_damping)
                 elif factor.inverse is None:
-                    factor.inverse = torch.empty(
-                        factor.size, factor.size, dtype=layer.inv_dtype, device=factor.running.device
-                    )
+                    factor.inverse = torch.empty_like(factor.running, dtype=layer.inv_dtype)
                 pending.append(
                     self.comm.broadcast([factor.inverse], owner, everyone, SECOND_ORDER_BROADCAST)
                 )
@@ -419,12 +426,17 @@ class KFACPreconditioner:
             scale = torch.ones((), dtype=torch.float64, device=self.last_kl_scale.device)
         else:
             lr = float(resolve(self.lr, step))
-            vg = torch.stack(
-                [
-                    (V.to(torch.float64) * grads[name].to(torch.float64)).sum()
-                    for name, V in preconditioned.items()
-                ]
-            ).sum().abs() * lr**2
+            vg = (
+                torch.stack(
+                    [
+                        (V.to(torch.float64) * grads[name].to(torch.float64)).sum()
+                        for name, V in preconditioned.items()
+                    ]
+                )
+                .sum()
+                .abs()
+                * lr**2
+            )
             scale = torch.where(
                 vg > 0, torch.sqrt(kl_clip / vg).clamp(max=1.0), torch.ones_like(vg)
             )
@@ -471,12 +483,12 @@ class KFACPreconditioner:
                     for s in shapes
                 ]
                 self.comm.recv(tensors, src=place.a_worker)
-                return dict(zip(keys, tensors))
+                return dict(zip(keys, tensors, strict=True))
             return {}
         if not holds:
             return {}
         tensors = layer.second_order_tensors(self.compute_method)
-        return {k: t.detach().clone() for k, t in zip(keys, tensors)}
+        return {k: t.detach().clone() for k, t in zip(keys, tensors, strict=True)}
 
     def _second_order_shapes(self, layer: KFACLayer) -> list[tuple[int, ...]]:
         a, g = layer.shape.a, layer.shape.g
@@ -509,7 +521,8 @@ class KFACPreconditioner:
                 continue
             if self.plan.colocate_factors and not self.plan.is_grad_worker(name, self.comm.rank):
                 continue
-            for target, key in zip(layer.second_order_tensors(self.compute_method), keys):
+            targets = layer.second_order_tensors(self.compute_method)
+            for target, key in zip(targets, keys, strict=True):
                 target.copy_(entry[key].to(device=device, dtype=target.dtype))
         self._collecting = self._factor_update_due(self.steps)
 
@@ -536,13 +549,13 @@ class KFACPreconditioner:
         rows = [("layer", "type", "A", "G", "factor bytes")]
         for name, layer in self.layers.items():
             a, g = layer.shape.a, layer.shape.g
-            rows.append(
-                (name, type(layer.module).__name__, f"{a}x{a}", f"{g}x{g}", f"{layer.factor_bytes():,}")
-            )
+            kind = type(layer.module).__name__
+            rows.append((name, kind, f"{a}x{a}", f"{g}x{g}", f"{layer.factor_bytes():,}"))
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = [header]
         for r in rows:
-            lines.append("  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+            cells = [c.ljust(w) for c, w in zip(r[:4], widths[:4], strict=True)]
+            lines.append("  ".join([*cells, r[4].rjust(widths[4])]))
         mem = self.memory_bytes()
         lines.append(f"total: factors {mem['factors']:,} B, second-order {mem['second_order']:,} B")
         return "\n".join(lines)
