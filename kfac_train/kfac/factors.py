@@ -50,17 +50,13 @@ class Factor:
         self._batch_sum = None
         self.batch_count = 0
 
-    def update_running(self, batch: torch.Tensor, decay: float) -> torch.Tensor:
-        """Fold ``batch`` into the running average unless it has inf/NaN entries.
+    def update_running(self, batch: torch.Tensor, decay: float, keep: torch.Tensor) -> None:
+        """Fold ``batch`` into the running average where the 0-d bool tensor ``keep`` is true.
 
-        Returns a 0-d bool tensor, ``True`` when the batch was dropped. No host synchronisation:
-        the check stays on the device.
+        The choice stays on the device (``torch.where``): no host synchronisation.
         """
-        batch = batch.to(self.running.dtype)
-        finite = torch.isfinite(batch).all()
-        updated = self.running * decay + batch * (1.0 - decay)
-        self.running = torch.where(finite, updated, self.running)
-        return ~finite
+        updated = self.running * decay + batch.to(self.running.dtype) * (1.0 - decay)
+        self.running = torch.where(keep, updated, self.running)
 
     def second_order_bytes(self) -> int:
         held = (t for t in (self.eigvecs, self.inverse) if t is not None)

@@ -117,14 +117,17 @@ class KFACLayer:
             if self.recip is None:
                 self.set_identity_second_order(EIGEN)
             return
-        self.A.eigvecs = Q_A.to(self.inv_dtype)
-        self.G.eigvecs = Q_G.to(self.inv_dtype)
+        # Row-major copies: a resumed run (which loads contiguous tensors) then multiplies with
+        # the same memory layout, hence bit-identical results.
+        self.A.eigvecs = Q_A.to(self.inv_dtype).contiguous()
+        self.G.eigvecs = Q_G.to(self.inv_dtype).contiguous()
         self.recip = linalg.eigen_reciprocal(d_G, d_A, damping, factored).to(self.inv_dtype)
 
     def update_inverse(self, factor: Factor, damping: float) -> None:
         """Damped inverse of one factor; on failure keep the previous one (or the identity)."""
         try:
-            factor.inverse = linalg.damped_inverse(factor.running, damping).to(self.inv_dtype)
+            inverse = linalg.damped_inverse(factor.running, damping)
+            factor.inverse = inverse.to(self.inv_dtype).contiguous()
         except linalg.DecompositionError as err:
             kept = "its previous inverse" if factor.inverse is not None else "an identity inverse"
             warnings.warn(

@@ -288,10 +288,11 @@ class KFACPreconditioner:
         for name, layer in self.layers.items():
             A_batch, G_batch = batches[name]
             if A_batch is not None and G_batch is not None:
-                dropped = layer.A.update_running(A_batch, decay) | layer.G.update_running(
-                    G_batch, decay
-                )
-                self._dropped = self._dropped.to(dropped.device) + dropped
+                # An overflow step drops the layer's statistics together (A and G).
+                keep = torch.isfinite(A_batch).all() & torch.isfinite(G_batch).all()
+                layer.A.update_running(A_batch, decay, keep)
+                layer.G.update_running(G_batch, decay, keep)
+                self._dropped = self._dropped.to(keep.device) + ~keep
             layer.A.reset_batch()
             layer.G.reset_batch()
         self._force_factor_update = False
@@ -381,8 +382,8 @@ class KFACPreconditioner:
             if self.compute_method != EIGEN:
                 return
             (Q_A, d_A), (Q_G, d_G) = eig["A"], eig["G"]
-            layer.A.eigvecs = Q_A.to(layer.inv_dtype)
-            layer.G.eigvecs = Q_G.to(layer.inv_dtype)
+            layer.A.eigvecs = Q_A.to(layer.inv_dtype).contiguous()
+            layer.G.eigvecs = Q_G.to(layer.inv_dtype).contiguous()
             layer.recip = eigen_reciprocal(d_G, d_A, damping, self.factored_damping).to(
                 layer.inv_dtype
             )
