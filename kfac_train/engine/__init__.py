@@ -1,0 +1,1 @@
+"""The training engine shared by every workload: loop, checkpoints, precision, run outputs."""

@@ -1,0 +1,467 @@
+"""The training loop shared by every workload.
+
+One optimizer step:
+1. ``accumulation_steps`` micro-batches: forward under autocast, ``scaler.scale(loss / k)
+   .backward()``, with DDP's ``no_sync()`` on all but the last micro-batch;
+2. ``scaler.unscale_(optimizer)`` (a no-op unless fp16), optional gradient clipping;
+3. the schedule sets this step's lr (and tied momentum);
+4. ``preconditioner.step()`` — K-FAC, or the no-op preconditioner of the baselines;
+5. ``scaler.step(optimizer)``, ``scaler.update()``, ``zero_grad``, ``task.after_optimizer_step``.
+
+Losses stay on the device between log steps (no host sync per step). Evaluation, logging,
+checkpoints, the target metric and stop signals are handled at step boundaries, in the same
+order on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kfac_train.config import RunConfig
+from kfac_train.data.base import DataBundle
+from kfac_train.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    broadcast_buffers,
+)
+from kfac_train.engine.batching import BatchPlan
+from kfac_train.engine.checkpoint import (
+    capture_rng,
+    checkpoint_path,
+    load_checkpoint,
+    prune,
+    restore_rng,
+    save_atomic,
+)
+from kfac_train.engine.outputs import RunOutputs
+from kfac_train.engine.signals import StopRequest
+from kfac_train.errors import UserError
+from kfac_train.loggers.base import RunLogger
+from kfac_train.optim.preconditioner import Preconditioner
+from kfac_train.schedules.controller import ScheduleController
+from kfac_train.tasks.base import Task
+
+log = logging.getLogger("kfac_train")
+
+
+@dataclass
+class Position:
+    """Where training stands; saved in checkpoints.
+
+    `batches` counts micro-batches consumed in the current `epoch` on each rank.
+    `elapsed` is the training wall time in seconds over all sessions of this run.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batches: int = 0
+    samples: int = 0
+    elapsed: float = 0.0
+    target: dict[str, Any] | None = None
+
+
+@dataclass
+class Components:
+    """Everything the loop drives, built by `kfac_train.app`."""
+
+    config: RunConfig
+    dist: DistInfo
+    plan: BatchPlan
+    task: Task
+    data: DataBundle
+    module: nn.Module
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    preconditioner: Preconditioner
+    schedule: ScheduleController
+    scaler: torch.amp.GradScaler
+    autocast: Callable[[], AbstractContextManager]
+    steps_per_epoch: int
+    total_steps: int
+    checkpoint_dir: Path
+    config_yaml: str
+    outputs: RunOutputs | None = None
+    loggers: list[RunLogger] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs `Components` to `total_steps`, a target metric, or a stop signal."""
+
+    def __init__(self, parts: Components) -> None:
+        self.p = parts
+        self.cfg = parts.config
+        self.position = Position()
+        self.stop = StopRequest()
+        inner = getattr(parts.model, "_orig_mod", parts.model)  # under torch.compile
+        self.ddp = inner if isinstance(inner, nn.parallel.DistributedDataParallel) else None
+        self._window_loss = torch.zeros((), device=parts.dist.device)
+        self._window_logs: dict[str, torch.Tensor] = {}
+        self._window_steps = 0
+        self._window_start = time.perf_counter()
+        self._last_eval_step = -1
+        self.last_metrics: dict[str, float] = {}
+        self.last_loss: float | None = None
+        self.last_checkpoint: Path | None = None
+
+    # ----------------------------------------------------------------------------- resume
+    def resume_from(self, path: Path) -> None:
+        """Restore model, optimizer, preconditioner, scaler, schedule, RNG and data position."""
+        state = load_checkpoint(path)
+        try:
+            self.p.module.load_state_dict(state["model"])
+            self.p.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            first = str(error).splitlines()[0]
+            raise UserError(f"checkpoint {path} does not fit this model/optimizer: {first}") from (
+                error
+            )
+        self.p.preconditioner.load_state_dict(state["preconditioner"])
+        self.p.scaler.load_state_dict(state["scaler"])
+        position = state["position"]
+        self.position = Position(
+            step=int(position["step"]),
+            epoch=int(position["epoch"]),
+            batches=int(position["batches"]),
+            samples=int(position["samples"]),
+            elapsed=float(position["elapsed"]),
+            target=position.get("target"),
+        )
+        rng_states = state["rng"]
+        if len(rng_states) != self.p.dist.world_size:
+            log.warning(
+                "checkpoint %s was written by %d ranks, this run has %d: random streams differ",
+                path, len(rng_states), self.p.dist.world_size,
+            )
+        restore_rng(rng_states[self.p.dist.rank % len(rng_states)])
+        self.last_checkpoint = path
+        if self.p.outputs is not None:
+            self.p.outputs.truncate_after(self.position.step)
+        self._message(f"resumed from {path} at step {self.position.step}")
+
+    # ----------------------------------------------------------------------------- run
+    def run(self) -> dict[str, Any]:
+        p = self.p
+        micro_per_epoch = len(p.data.train)
+        status = "completed"
+        start = time.perf_counter() - self.position.elapsed
+        self._window_start = time.perf_counter()
+        with self.stop:
+            while self.position.step < p.total_steps and status == "completed":
+                p.data.train.set_epoch(self.position.epoch, self.position.batches)
+                batches: Iterator[Any] = iter(p.data.train)
+                while self.position.step < p.total_steps:
+                    micro_batches = list(islice(batches, p.plan.accumulation_steps))
+                    if len(micro_batches) < p.plan.accumulation_steps:
+                        self._next_epoch()
+                        break
+                    self._train_step(micro_batches)
+                    epoch_done = (
+                        self.position.batches + p.plan.accumulation_steps > micro_per_epoch
+                    )
+                    if epoch_done:
+                        self._next_epoch()
+                    self.position.elapsed = time.perf_counter() - start
+                    status = self._after_step(epoch_done, start)
+                    if status != "completed" or epoch_done:
+                        break
+        if status == "completed" and self._last_eval_step != self.position.step:
+            self._evaluate(start)
+        self.position.elapsed = time.perf_counter() - start
+        unsaved = self.last_saved_step() != self.position.step
+        if status == "preempted" or (self.cfg.checkpoint.at_end and unsaved):
+            self._save_checkpoint()
+        return self._summary(status)
+
+    def last_saved_step(self) -> int | None:
+        if self.last_checkpoint is None:
+            return None
+        return int(self.last_checkpoint.stem.split("_")[-1])
+
+    def _next_epoch(self) -> None:
+        self.position.epoch += 1
+        self.position.batches = 0
+
+    def _train_step(self, micro_batches: list[Any]) -> None:
+        p = self.p
+        p.model.train()
+        k = p.plan.accumulation_steps
+        for index, batch in enumerate(micro_batches):
+            batch = p.task.move_batch(batch, p.dist.device)
+            sync = (
+                self.ddp.no_sync()
+                if index < k - 1 and self.ddp is not None
+                else contextlib.nullcontext()
+            )
+            with sync:
+                with p.autocast():
+                    out = p.task.training_loss(p.model, batch)
+                p.scaler.scale(out.loss / k).backward()
+            self._window_loss += out.loss.detach().float() / k
+            for name, value in out.logs.items():
+                value = value.detach().float() / k
+                self._window_logs[name] = self._window_logs.get(name, 0) + value
+        p.scaler.unscale_(p.optimizer)
+        if self.cfg.optim.grad_clip_norm is not None:
+            nn.utils.clip_grad_norm_(p.module.parameters(), self.cfg.optim.grad_clip_norm)
+        p.schedule.apply(self.position.step)
+        p.preconditioner.step()
+        p.scaler.step(p.optimizer)
+        p.scaler.update()
+        p.optimizer.zero_grad(set_to_none=True)
+        p.task.after_optimizer_step(p.module)
+        self.position.step += 1
+        self.position.batches += k
+        self.position.samples += p.plan.global_batch
+        self._window_steps += 1
+
+    def _after_step(self, epoch_done: bool, start: float) -> str:
+        """Logging, evaluation, target, checkpoint and signal handling; returns the status."""
+        p, step = self.p, self.position.step
+        for logger in p.loggers:
+            logger.on_step(step)
+        if step % self.cfg.trainer.log_every == 0 or step == p.total_steps:
+            self._log_train()
+        every = self.cfg.trainer.eval_every
+        status = "completed"
+        due = (every > 0 and step % every == 0) or (every == 0 and epoch_done)
+        if (due or step == p.total_steps) and self._evaluate(start):
+            status = "target_reached"
+        if self._stop_requested(step):
+            status = "preempted"
+            self._message(f"stop signal received: checkpointing at step {step} and exiting")
+        elif self.cfg.checkpoint.every > 0 and step % self.cfg.checkpoint.every == 0:
+            self.position.elapsed = time.perf_counter() - start
+            self._save_checkpoint()
+        return status
+
+    def _stop_requested(self, step: int) -> bool:
+        """Whether a rank received a stop signal; all ranks agree, so all stop together.
+
+        Distributed runs compare flags every `trainer.log_every` steps (a small all-reduce that
+        waits for the step to finish), single processes every step.
+        """
+        local = 1.0 if self.stop.requested else 0.0
+        if not self.p.dist.is_distributed:
+            return local > 0
+        if step % self.cfg.trainer.log_every and step != self.p.total_steps:
+            return False
+        return all_reduce_max(local) > 0
+
+    # ----------------------------------------------------------------------------- logging
+    def _epoch_float(self) -> float:
+        micro_per_epoch = len(self.p.data.train)
+        return self.position.epoch + self.position.batches / max(1, micro_per_epoch)
+
+    def _log_train(self) -> None:
+        if self._window_steps == 0:
+            return
+        p = self.p
+        names = sorted(self._window_logs)
+        window = torch.stack([self._window_loss, *(self._window_logs[n] for n in names)])
+        window = all_reduce_sum(window) / (p.dist.world_size * self._window_steps)
+        values = window.tolist()
+        loss = values[0]
+        self.last_loss = loss
+        if not math.isfinite(loss):
+            raise UserError(
+                f"training diverged: the loss is {loss} at step {self.position.step}; "
+                "lower optim.lr (or raise kfac.damping)"
+            )
+        record: dict[str, Any] = {
+            "kind": "train",
+            "step": self.position.step,
+            "total_steps": p.total_steps,
+            "epoch": self._epoch_float(),
+            "samples": self.position.samples,
+            "lr": p.schedule.lr,
+            "loss": loss,
+            "metrics": dict(zip(names, values[1:], strict=True)),
+            "step_time": (time.perf_counter() - self._window_start) / self._window_steps,
+        }
+        comm, memory = p.preconditioner.comm_bytes(), p.preconditioner.memory_bytes()
+        if comm.get("total") or memory:
+            record["kfac"] = {
+                "comm_bytes_step": sum(comm.get("step", {}).values()),
+                "comm_bytes_total": sum(comm.get("total", {}).values()),
+                "comm_bytes": comm.get("total", {}),
+                "memory_bytes": memory,
+            }
+        self._emit(record)
+        self._window_loss = torch.zeros((), device=p.dist.device)
+        self._window_logs = {}
+        self._window_steps = 0
+        self._window_start = time.perf_counter()
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        if self.p.outputs is not None:
+            self.p.outputs.append_metrics(record)
+        for logger in self.p.loggers:
+            logger.log(record)
+
+    def _message(self, text: str) -> None:
+        for logger in self.p.loggers:
+            logger.message(text)
+        if not self.p.loggers and self.p.dist.is_main:
+            log.info(text)
+
+    # ----------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Metrics of the task's evaluator over the whole evaluation set (every rank)."""
+        p = self.p
+        assert p.data.eval is not None
+        broadcast_buffers(p.module)
+        p.module.eval()
+        evaluator = p.task.evaluator()
+        for batch in p.data.eval:
+            batch = p.task.move_batch(batch, p.dist.device)
+            with p.autocast():
+                evaluator.update(p.module, batch)
+        metrics = evaluator.compute()
+        p.module.train()
+        return metrics
+
+    def _evaluate(self, start: float) -> bool:
+        """Evaluate, log, check the target; True when the target metric was reached now."""
+        if self.p.data.eval is None:
+            return False
+        started = time.perf_counter()
+        metrics = self.evaluate()
+        self._last_eval_step = self.position.step
+        self.last_metrics = metrics
+        self._emit({
+            "kind": "eval",
+            "step": self.position.step,
+            "epoch": self._epoch_float(),
+            "samples": self.position.samples,
+            "metrics": metrics,
+            "eval_time": time.perf_counter() - started,
+        })
+        return self._check_target(metrics, start)
+
+    def _check_target(self, metrics: dict[str, float], start: float) -> bool:
+        trainer = self.cfg.trainer
+        if trainer.target_metric is None or self.position.target is not None:
+            return False
+        if trainer.target_metric not in metrics:
+            raise UserError(
+                f"trainer.target_metric={trainer.target_metric} is not an evaluation metric of "
+                f"task={self.cfg.task.name}; choose one of: {', '.join(sorted(metrics))}"
+            )
+        if trainer.target_value is None:
+            raise UserError("trainer.target_metric is set but trainer.target_value is not")
+        value = metrics[trainer.target_metric]
+        reached = value >= trainer.target_value if trainer.target_mode == "max" else (
+            value <= trainer.target_value
+        )
+        if not reached:
+            return False
+        self.position.target = {
+            "metric": trainer.target_metric,
+            "value": value,
+            "target": trainer.target_value,
+            "steps": self.position.step,
+            "epochs": self._epoch_float(),
+            "samples": self.position.samples,
+            "time": time.perf_counter() - start,
+        }
+        self._message(
+            f"target {trainer.target_metric} {trainer.target_mode} {trainer.target_value} reached "
+            f"at step {self.position.step} ({value:.4f})"
+        )
+        return True
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self) -> None:
+        """Collective: every rank contributes its RNG state and K-FAC state; rank 0 writes."""
+        p = self.p
+        preconditioner_state = p.preconditioner.state_dict()
+        rng_states = all_gather_objects(capture_rng())
+        path = checkpoint_path(p.checkpoint_dir, self.position.step)
+        if p.dist.is_main:
+            state = {
+                "model": p.module.state_dict(),
+                "optimizer": p.optimizer.state_dict(),
+                "preconditioner": preconditioner_state,
+                "scaler": p.scaler.state_dict(),
+                "schedule": {"step": self.position.step},
+                "position": {
+                    "step": self.position.step,
+                    "epoch": self.position.epoch,
+                    "batches": self.position.batches,
+                    "samples": self.position.samples,
+                    "elapsed": self.position.elapsed,
+                    "target": self.position.target,
+                },
+                "rng": rng_states,
+                "config": p.config_yaml,
+            }
+            save_atomic(state, path)
+            prune(p.checkpoint_dir, self.cfg.checkpoint.keep_last)
+            self._message(f"checkpoint saved: {path}")
+        barrier()
+        self.last_checkpoint = path
+
+    def replicas_agree(self) -> bool:
+        """Whether every rank holds bitwise the same parameters (always True for one process).
+
+        Compares per-parameter (sum, sum of squares) in float64 across ranks; a difference
+        means the replicas diverged (a bug), which is logged. Buffers such as BatchNorm running
+        statistics are local to each rank between DDP's broadcasts and are not compared.
+        """
+        if not self.p.dist.is_distributed:
+            return True
+        with torch.no_grad():
+            fingerprint = [
+                (float(t.double().sum()), float(t.double().square().sum()))
+                for t in self.p.module.parameters()
+            ]
+        everyone = all_gather_objects(fingerprint)
+        agree = all(other == everyone[0] for other in everyone[1:])
+        if not agree:
+            log.error("model replicas differ across ranks at step %d", self.position.step)
+        return agree
+
+    # ----------------------------------------------------------------------------- summary
+    def _summary(self, status: str) -> dict[str, Any]:
+        p = self.p
+        if self._window_steps:
+            self._log_train()
+        summary: dict[str, Any] = {
+            "status": status,
+            "replicas_agree": self.replicas_agree(),
+            "steps": self.position.step,
+            "total_steps": p.total_steps,
+            "epochs": self._epoch_float(),
+            "samples": self.position.samples,
+            "train_time": self.position.elapsed,
+            "final_loss": self.last_loss,
+            "metrics": self.last_metrics,
+            "target": self.position.target,
+            "global_batch": p.plan.global_batch,
+            "micro_batch": p.plan.micro_batch,
+            "accumulation_steps": p.plan.accumulation_steps,
+            "world_size": p.dist.world_size,
+            "steps_per_epoch": p.steps_per_epoch,
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+        }
+        memory = p.preconditioner.memory_bytes()
+        comm = p.preconditioner.comm_bytes().get("total", {})
+        if memory or comm:
+            summary["kfac"] = {"memory_bytes": memory, "comm_bytes_total": comm}
+        return summary

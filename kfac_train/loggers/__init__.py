@@ -1,0 +1,1 @@
+"""Run loggers (`LOGGERS`): console progress and optional Weights & Biases."""

@@ -1,0 +1,1 @@
+"""First-order optimizers (`OPTIMIZERS`) and the preconditioner built on top of them."""

@@ -1,0 +1,1 @@
+"""Per-iteration learning-rate schedules (`SCHEDULES`) and the K-FAC hyperparameter schedules."""

@@ -1,0 +1,348 @@
+"""Single-process K-FAC benchmark: the step time of K-FAC + SGD against plain SGD.
+
+    python scripts/bench_kfac.py                              # CPU: ResNet-20 and the MLP
+    python scripts/bench_kfac.py --device cuda --bf16         # adds ResNet-50 in bf16 autocast
+
+Models (synthetic inputs, fixed batches, cross-entropy): a CIFAR ResNet-20 at batch 128
+(3x32x32), an MLP 784-1024-1024-10 at batch 1024 and, with `--bf16`, torchvision's ResNet-50 at
+batch 64 (3x224x224) under bf16 autocast. Configurations per model: plain SGD-momentum, then
+K-FAC + SGD-momentum with intervals (factor_update_steps, inv_update_steps) = (1, 1) and
+(10, 100), for the eigen and the inverse method.
+
+A step is zero_grad, forward, loss, backward, `pre.step()`, `optimizer.step()`. The
+configurations of a model are stepped in turn (step i of each, then step i + 1) so that load
+changes on a shared machine hit them alike. Reported: the median step, the amortised step (total
+time of N consecutive steps / N; N is a multiple of 100, so a (10, 100) run contains exactly N/10
+factor updates and N/100 second-order updates), both as ratios to SGD, and the bytes of K-FAC
+state (`pre.memory_bytes()`). The (1, 1) configurations do
+the same work every step and are timed over `--dense-steps` steps. A phase table splits each
+(10, 100) step into forward+backward, `pre.step()` and `optimizer.step()` by kind of step.
+`--profile` prints torch.profiler's top operators for one configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kfac_train.kfac import KFACPreconditioner
+from kfac_train.models.resnet_cifar import CifarResNet, ResNet20Config
+
+MB = 2**20
+KFAC_HYPERPARAMETERS = {"damping": 0.003, "factor_decay": 0.95, "kl_clip": 0.001, "lr": 0.1}
+INTERVALS = {"1/1": (1, 1), "10/100": (10, 100)}
+PHASES = ("forward+backward", "pre.step", "optimizer.step")
+
+
+@dataclass
+class Workload:
+    """A model and the shape of its synthetic batch."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    num_classes: int
+    bf16: bool = False
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+    )
+
+
+def _resnet50() -> nn.Module:
+    from torchvision.models import resnet50
+
+    return resnet50(weights=None)
+
+
+WORKLOADS = {
+    "resnet20": Workload("ResNet-20", lambda: CifarResNet(ResNet20Config()), (128, 3, 32, 32), 10),
+    "mlp": Workload("MLP 784-1024-1024-10", _mlp, (1024, 784), 10),
+    "resnet50": Workload("ResNet-50 bf16", _resnet50, (64, 3, 224, 224), 1000, bf16=True),
+}
+
+
+@dataclass
+class Configuration:
+    name: str
+    compute_method: str | None  # None: plain SGD
+    intervals: tuple[int, int] = (1, 1)
+
+
+@dataclass
+class Result:
+    """Per-step seconds of one configuration; phases[kind][phase] lists seconds per step."""
+
+    configuration: Configuration
+    step_seconds: list[float]
+    memory_bytes: int
+    phases: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.step_seconds)
+
+    @property
+    def amortised(self) -> float:
+        return sum(self.step_seconds) / len(self.step_seconds)
+
+
+def configurations() -> list[Configuration]:
+    configs = [Configuration("sgd", None)]
+    for method in ("eigen", "inverse"):
+        for label, intervals in INTERVALS.items():
+            configs.append(Configuration(f"{method} {label}", method, intervals))
+    return configs
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--models", default="resnet20,mlp", help=f"comma-separated, from {sorted(WORKLOADS)}"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=100,
+        help="timed steps for SGD and (10, 100); a multiple of 100",
+    )
+    parser.add_argument(
+        "--dense-steps", type=int, default=20, help="timed steps for the (1, 1) configurations"
+    )
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="add ResNet-50 at batch 64 under bf16 autocast (GPU case)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--profile-steps", type=int, default=20, help="steps (after warm-up) under --profile"
+    )
+    parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="MODEL:CONFIG",
+        help='profile one configuration instead, e.g. "resnet20:eigen 10/100"',
+    )
+    args = parser.parse_args()
+    if args.steps <= 0 or args.steps % 100 != 0:
+        parser.error(
+            f"--steps={args.steps}: use a positive multiple of 100 so that a (10, 100) "
+            "run amortises its updates exactly"
+        )
+    models = [name for name in args.models.split(",") if name]
+    unknown = sorted(set(models) - set(WORKLOADS))
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {sorted(WORKLOADS)}")
+    if args.bf16 and "resnet50" not in models:
+        models.append("resnet50")
+    args.models = models
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device=cuda: no CUDA device is available")
+    return args
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step_kind(step: int, intervals: tuple[int, int]) -> str:
+    factor_every, inverse_every = intervals
+    if step % inverse_every == 0:
+        return "second-order update"
+    if step % factor_every == 0:
+        return "factor update"
+    return "plain"
+
+
+class Runner:
+    """One configuration's model, optimizer and preconditioner, stepped one step at a time so
+    that all configurations of a model can be interleaved (step i of each, then step i + 1):
+    load changes on a shared machine then hit every configuration alike."""
+
+    def __init__(
+        self,
+        workload: Workload,
+        config: Configuration,
+        num_steps: int,
+        warmup: int,
+        device: torch.device,
+    ) -> None:
+        self.config, self.num_steps, self.warmup, self.device = config, num_steps, warmup, device
+        torch.manual_seed(0)
+        self.model = workload.build().to(device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
+        self.pre = None
+        if config.compute_method is not None:
+            factor_every, inverse_every = config.intervals
+            self.pre = KFACPreconditioner(
+                self.model,
+                factor_update_steps=factor_every,
+                inv_update_steps=inverse_every,
+                compute_method=config.compute_method,
+                **KFAC_HYPERPARAMETERS,
+            )
+        generator = torch.Generator().manual_seed(1)
+        self.batches = [
+            (
+                torch.randn(workload.input_shape, generator=generator).to(device),
+                torch.randint(
+                    0, workload.num_classes, workload.input_shape[:1], generator=generator
+                ).to(device),
+            )
+            for _ in range(2)
+        ]
+        self.autocast = workload.bf16
+        self.steps_done = 0
+        self.step_seconds: list[float] = []
+        self.phases: dict[str, dict[str, list[float]]] = {}
+
+    @property
+    def finished(self) -> bool:
+        return self.steps_done >= self.warmup + self.num_steps
+
+    def step(self) -> None:
+        """One training step on alternating synthetic batches, timed by phase."""
+        inputs, labels = self.batches[self.steps_done % 2]
+        kind = _step_kind(self.steps_done, self.config.intervals)
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if self.autocast
+            else contextlib.nullcontext()
+        )
+        _synchronize(self.device)
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = F.cross_entropy(self.model(inputs), labels)
+        loss.backward()
+        _synchronize(self.device)
+        backward_done = time.perf_counter()
+        if self.pre is not None:
+            self.pre.step()
+        _synchronize(self.device)
+        pre_done = time.perf_counter()
+        self.optimizer.step()
+        _synchronize(self.device)
+        end = time.perf_counter()
+        if self.steps_done >= self.warmup:
+            self.step_seconds.append(end - start)
+            per_kind = self.phases.setdefault(kind, {phase: [] for phase in PHASES})
+            per_kind["forward+backward"].append(backward_done - start)
+            per_kind["pre.step"].append(pre_done - backward_done)
+            per_kind["optimizer.step"].append(end - pre_done)
+        self.steps_done += 1
+
+    def result(self) -> Result:
+        memory = sum(self.pre.memory_bytes().values()) if self.pre is not None else 0
+        return Result(self.config, self.step_seconds, memory, self.phases)
+
+
+def run_interleaved(runners: list[Runner]) -> list[Result]:
+    while not all(runner.finished for runner in runners):
+        for runner in runners:
+            if not runner.finished:
+                runner.step()
+    return [runner.result() for runner in runners]
+
+
+def format_results(results: list[Result]) -> str:
+    sgd = results[0]
+    header = (
+        f"{'configuration':<15} {'steps':>5} {'median ms':>9} {'x SGD':>6} "
+        f"{'amortised ms':>12} {'x SGD':>6} {'K-FAC state MB':>14}"
+    )
+    rows = [header, "-" * len(header)]
+    for r in results:
+        rows.append(
+            f"{r.configuration.name:<15} {len(r.step_seconds):>5} {r.median * 1e3:>9.1f} "
+            f"{r.median / sgd.median:>6.2f} {r.amortised * 1e3:>12.1f} "
+            f"{r.amortised / sgd.amortised:>6.2f} {r.memory_bytes / MB:>14.2f}"
+        )
+    return "\n".join(rows)
+
+
+def format_phases(result: Result) -> str:
+    """Median milliseconds per phase for each kind of step of one configuration."""
+    header = f"  {result.configuration.name}: {'kind of step':<20} {'count':>5} " + " ".join(
+        f"{phase:>16}" for phase in PHASES
+    )
+    rows = [header]
+    for kind in ("plain", "factor update", "second-order update"):
+        if kind not in result.phases:
+            continue
+        times = result.phases[kind]
+        rows.append(
+            f"  {'':<{len(result.configuration.name) + 1}} {kind:<20} "
+            f"{len(times['pre.step']):>5} "
+            + " ".join(f"{statistics.median(times[p]) * 1e3:>16.1f}" for p in PHASES)
+        )
+    return "\n".join(rows)
+
+
+def profile(spec: str, args: argparse.Namespace, device: torch.device) -> None:
+    """Print torch.profiler's top operators (self CPU time) for one configuration."""
+    model_name, _, config_name = spec.partition(":")
+    by_name = {c.name: c for c in configurations()}
+    if model_name not in WORKLOADS or config_name not in by_name:
+        raise SystemExit(
+            f"--profile={spec!r}: use MODEL:CONFIG with MODEL in "
+            f"{sorted(WORKLOADS)} and CONFIG in {sorted(by_name)}"
+        )
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    runner = Runner(
+        WORKLOADS[model_name], by_name[config_name], args.profile_steps, args.warmup, device
+    )
+    with torch.profiler.profile(activities=activities) as profiler:
+        run_interleaved([runner])
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(profiler.key_averages().table(sort_by=sort_by, row_limit=25))
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.profile is not None:
+        profile(args.profile, args, device)
+        return
+    print(
+        f"torch {torch.__version__}, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        + f", CPU threads {torch.get_num_threads()}; K-FAC {KFAC_HYPERPARAMETERS}; "
+        f"{args.warmup} warm-up steps"
+    )
+    for model_name in args.models:
+        workload = WORKLOADS[model_name]
+        runners = []
+        for config in configurations():
+            dense = config.compute_method is not None and config.intervals == (1, 1)
+            num_steps = args.dense_steps if dense else args.steps
+            runners.append(Runner(workload, config, num_steps, args.warmup, device))
+        results = run_interleaved(runners)
+        print(f"\n{workload.name}, batch {workload.input_shape[0]}")
+        print(format_results(results))
+        print("phases (median ms):")
+        for result in results:
+            if result.configuration.intervals == INTERVALS["10/100"]:
+                print(format_phases(result))
+
+
+if __name__ == "__main__":
+    main()

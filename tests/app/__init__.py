@@ -1,0 +1,1 @@
+"""Tests of the training application (issue 4)."""
