@@ -160,6 +160,7 @@ class KFACConfig:
     factor_decay: float = 0.95
     kl_clip: Optional[float] = 0.001
     compute_method: str = "eigen"
+    factored_damping: bool = False
     grad_scaling: str = "mean"
     skip_layers: list[str] = field(default_factory=list)
     factor_dtype: str = "float32"

@@ -103,6 +103,7 @@ def build_preconditioner(
         kl_clip=kfac.kl_clip,
         lr=lambda step: optimizer.param_groups[0]["lr"],
         compute_method=kfac.compute_method,
+        factored_damping=kfac.factored_damping,
         accumulation_steps=accumulation_steps,
         grad_scaler=grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None,
         factor_dtype=dtype_of(kfac.factor_dtype, "kfac.factor_dtype"),

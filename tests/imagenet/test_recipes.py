@@ -50,7 +50,7 @@ def test_batch_32768_with_resnet50_and_kfac_selects_the_sp_ngd_32k_recipe() -> N
         3.5,
     )
     assert schedule.momentum_tied and schedule.warmup == 0
-    assert math.isclose(config.kfac.damping, math.sqrt(2.0e-4), rel_tol=1e-3)
+    assert config.kfac.damping == 2.0e-4 and config.kfac.factored_damping  # SP-NGD Eq. 12
     assert config.kfac.factor_decay == 0.0  # chainerkfac cov_ema_decay 1.0 = latest batch only
     assert config.kfac.grad_scaling == "per_example" and config.kfac.kl_clip is None
     task = config.task
@@ -92,10 +92,11 @@ def test_sp_ngd_recipes_follow_the_paper_table() -> None:
             c.schedule.decay_end,
             c.optim.lr,
             c.optim.momentum,
-            c.kfac.damping**2,
+            c.kfac.damping,
             c.trainer.max_steps,
         )
         assert got == pytest.approx((alpha, power, start, end, lr, momentum, damping, steps), 1e-3)
+        assert c.kfac.factored_damping and c.kfac.compute_method == "inverse"
 
 
 @pytest.mark.parametrize(("size", "optim"), RECIPES, ids=[f"{s}-{o}" for s, o in RECIPES])
