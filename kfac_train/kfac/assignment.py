@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from .kfac_layer import LayerShape
 
-STRATEGY_FRACTIONS = {"comm-opt": 1.0, "hybrid-opt": 0.5}
+STRATEGY_FRACTIONS = {"comm-opt": 1.0}
+HYBRID_OPT = "hybrid-opt"
 MEM_OPT = "mem-opt"
 COST_MODELS = ("compute", "memory")
 
@@ -34,6 +35,11 @@ def resolve_grad_worker_fraction(value: float | str, world_size: int) -> float:
         key = value.lower().replace("_", "-")
         if key == MEM_OPT:
             return 1.0 / world_size
+        if key == HYBRID_OPT:
+            # Half of the ranks where that divides P, else the largest divisor of P below P/2
+            # (P = 3: MEM-OPT's single worker; P = 6: 3 workers).
+            m = max(d for d in range(1, max(1, world_size // 2) + 1) if world_size % d == 0)
+            return m / world_size
         if key not in STRATEGY_FRACTIONS:
             raise ValueError(
                 f"unknown grad_worker_fraction {value!r}; use a float in (0, 1] or one of "
@@ -50,9 +56,12 @@ def num_grad_workers(fraction: float, world_size: int) -> int:
     """``m = max(1, round(f·P))``; ``P`` must be divisible by ``m``."""
     m = max(1, round(fraction * world_size))
     if world_size % m:
+        valid = ", ".join(
+            f"{d}/{world_size}" for d in range(1, world_size + 1) if world_size % d == 0
+        )
         raise ValueError(
             f"grad_worker_fraction={fraction} gives {m} gradient workers per layer, which does "
-            f"not divide world size {world_size}; choose a fraction f with P·f dividing P"
+            f"not divide world size {world_size}; choose one of {valid}"
         )
     return m
 

@@ -134,6 +134,8 @@ class KFACPreconditioner:
             )
 
         self.steps = 0
+        self._calls_per_step: dict[str, int] | None = None
+        self._sent_early: dict[str, int] = {}
         self._force_factor_update = False
         self._force_second_order = False
         self._collecting = self._factor_update_due(0)
@@ -204,13 +206,11 @@ class KFACPreconditioner:
     def _output_grad_hook(self, layer: KFACLayer, grad: torch.Tensor) -> None:
         with torch.no_grad(), _no_autocast(grad.device):
             layer.accumulate_output_grad(grad.detach(), self._g_multiplier(grad))
-        k = self.accumulation_steps
-        if (
-            self._reducer is not None
-            and self.overlap_comm
-            and layer.A.batch_count == k
-            and layer.G.batch_count == k
-        ):
+        if self._reducer is None or not self.overlap_comm or self._calls_per_step is None:
+            return
+        calls = self._calls_per_step.get(layer.name, 0)
+        if calls and layer.A.batch_count == calls and layer.G.batch_count == calls:
+            self._sent_early[layer.name] = calls
             self._reducer.mark_ready(layer.name, [layer.A.batch(), layer.G.batch()])
 
     def _g_multiplier(self, grad: torch.Tensor) -> torch.Tensor | float:
@@ -268,17 +268,27 @@ class KFACPreconditioner:
     def _reduce_factors(self, decay: float) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"factor_decay must be in [0, 1] at step {self.steps}, got {decay}")
-        k = self.accumulation_steps
-        if (
-            self.overlap_comm
-            and any(layer.G.batch_count > k for layer in self.layers.values())
-            and self._reducer is not None
-        ):
+        changed = [
+            name
+            for name, calls in self._sent_early.items()
+            if (self.layers[name].A.batch_count, self.layers[name].G.batch_count) != (calls, calls)
+        ]
+        if changed:
             raise RuntimeError(
-                "K-FAC: a layer ran more than accumulation_steps times in one step, so its "
-                "factors were sent before it finished; pass overlap_comm=False for models that "
-                "call a layer several times per forward"
+                f"K-FAC: layers {changed[:3]} ran a different number of times than on the first "
+                "factor-update step, after their factors were sent (overlap_comm); pass "
+                "overlap_comm=False for models whose layers run a varying number of times"
             )
+        self._sent_early.clear()
+        if self._calls_per_step is None:
+            # The first factor-update step sends everything at step() and learns how often each
+            # layer runs per step (accumulation × calls per forward); later steps send a layer
+            # during backward as soon as it reaches that count.
+            self._calls_per_step = {
+                name: layer.G.batch_count
+                for name, layer in self.layers.items()
+                if layer.A.batch_count == layer.G.batch_count
+            }
         if self._reducer is None:
             batches = {
                 name: [layer.A.batch(), layer.G.batch()] for name, layer in self.layers.items()
