@@ -161,6 +161,7 @@ class KFACConfig:
     kl_clip: Optional[float] = 0.001
     compute_method: str = "eigen"
     factored_damping: bool = False
+    batchnorm: str = "skip"
     grad_scaling: str = "mean"
     skip_layers: list[str] = field(default_factory=list)
     factor_dtype: str = "float32"

@@ -11,12 +11,15 @@ K-FAC + SGD-momentum with intervals (factor_update_steps, inv_update_steps) = (1
 
 A step is zero_grad, forward, loss, backward, `pre.step()`, `optimizer.step()`. The
 configurations of a model are stepped in turn (step i of each, then step i + 1) so that load
-changes on a shared machine hit them alike. Reported: the median step, the amortised step (total
-time of N consecutive steps / N; N is a multiple of 100, so a (10, 100) run contains exactly N/10
-factor updates and N/100 second-order updates), both as ratios to SGD, and the bytes of K-FAC
-state (`pre.memory_bytes()`). The (1, 1) configurations do
-the same work every step and are timed over `--dense-steps` steps. A phase table splits each
-(10, 100) step into forward+backward, `pre.step()` and `optimizer.step()` by kind of step.
+changes on a shared machine hit them alike. N, the number of timed steps, is a multiple of 100,
+so a (10, 100) run contains exactly N/10 factor updates and N/100 second-order updates.
+Reported, each also as a ratio to SGD: the median step; the amortised step, Σ over the kinds of
+step (plain, factor update, second-order update) of count · median / N, which the occasional
+multi-second stall of a shared machine cannot distort; the mean step (total / N, the same
+amortisation without that protection); and the bytes of K-FAC state (`pre.memory_bytes()`).
+The (1, 1) configurations do the same work every step and are timed over `--dense-steps` steps.
+A phase table splits each (10, 100) step into forward+backward, `pre.step()` and
+`optimizer.step()` by kind of step (factor statistics are formed in hooks during backward).
 `--profile` prints torch.profiler's top operators for one configuration.
 """
 
@@ -93,8 +96,24 @@ class Result:
         return statistics.median(self.step_seconds)
 
     @property
-    def amortised(self) -> float:
+    def mean(self) -> float:
+        """Total time / N: the amortised step, but sensitive to load spikes."""
         return sum(self.step_seconds) / len(self.step_seconds)
+
+    @property
+    def amortised(self) -> float:
+        """Σ_kinds count · median step of that kind / N: the amortised step, robust to the
+        occasional multi-second stall of a shared machine."""
+        if not self.phases:
+            return self.median
+        total = sum(
+            len(times["pre.step"])
+            * statistics.median(
+                [sum(parts) for parts in zip(*(times[p] for p in PHASES), strict=True)]
+            )
+            for times in self.phases.values()
+        )
+        return total / len(self.step_seconds)
 
 
 def configurations() -> list[Configuration]:
@@ -263,14 +282,15 @@ def format_results(results: list[Result]) -> str:
     sgd = results[0]
     header = (
         f"{'configuration':<15} {'steps':>5} {'median ms':>9} {'x SGD':>6} "
-        f"{'amortised ms':>12} {'x SGD':>6} {'K-FAC state MB':>14}"
+        f"{'amortised ms':>12} {'x SGD':>6} {'mean ms':>8} {'x SGD':>6} {'K-FAC state MB':>14}"
     )
     rows = [header, "-" * len(header)]
     for r in results:
         rows.append(
             f"{r.configuration.name:<15} {len(r.step_seconds):>5} {r.median * 1e3:>9.1f} "
             f"{r.median / sgd.median:>6.2f} {r.amortised * 1e3:>12.1f} "
-            f"{r.amortised / sgd.amortised:>6.2f} {r.memory_bytes / MB:>14.2f}"
+            f"{r.amortised / sgd.amortised:>6.2f} {r.mean * 1e3:>8.1f} "
+            f"{r.mean / sgd.mean:>6.2f} {r.memory_bytes / MB:>14.2f}"
         )
     return "\n".join(rows)
 

@@ -16,8 +16,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .assignment import WorkPlan, plan_work, resolve_grad_worker_fraction
+from .batchnorm import UnitWiseBatchNorm, normalised_input
 from .bucketing import FactorAllReducer
-from .comm import GRAD_BROADCAST, SECOND_ORDER_BROADCAST, Pending, make_communicator
+from .comm import (
+    FACTOR_ALLREDUCE,
+    GRAD_BROADCAST,
+    SECOND_ORDER_BROADCAST,
+    Pending,
+    flatten,
+    make_communicator,
+    unflatten_into,
+)
 from .hyperparams import Scheduled, is_due, resolve
 from .kfac_layer import COMPUTE_METHODS, EIGEN, KFACLayer
 from .layers import handler_for
@@ -26,6 +35,7 @@ from .linalg import eigen_reciprocal
 logger = logging.getLogger(__name__)
 
 GRAD_SCALINGS = ("mean", "per_example")
+BATCHNORM_MODES = ("skip", "unit_wise")
 _SECOND_ORDER_KEYS = {EIGEN: ("Q_A", "Q_G", "recip"), "inverse": ("A_inv", "G_inv")}
 
 
@@ -66,6 +76,7 @@ class KFACPreconditioner:
         inv_dtype: torch.dtype = torch.float32,
         skip_layers: Sequence[str] = (),
         grad_scaling: str = "mean",
+        batchnorm: str = "skip",
         grad_worker_fraction: float | str = 1.0,
         bucket_cap_mb: float = 25.0,
         symmetry_aware: bool = False,
@@ -85,6 +96,8 @@ class KFACPreconditioner:
             )
         if grad_scaling not in GRAD_SCALINGS:
             raise ValueError(f"grad_scaling must be one of {GRAD_SCALINGS}, got {grad_scaling!r}")
+        if batchnorm not in BATCHNORM_MODES:
+            raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
         if bucket_cap_mb <= 0:
             raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
         for label, dtype in (("factor_dtype", factor_dtype), ("inv_dtype", inv_dtype)):
@@ -108,8 +121,18 @@ class KFACPreconditioner:
 
         self.layers: dict[str, KFACLayer] = {}
         self._by_module: dict[nn.Module, KFACLayer] = {}
+        self.batchnorm_layers: dict[str, UnitWiseBatchNorm] = {}
+        self._bn_by_module: dict[nn.Module, UnitWiseBatchNorm] = {}
         self._hook_handles: list[Any] = []
-        self._register(model, [re.compile(p) for p in skip_layers], factor_dtype, inv_dtype)
+        patterns = [re.compile(p) for p in skip_layers]
+        self._register(model, patterns, factor_dtype, inv_dtype)
+        if batchnorm == "unit_wise":
+            self._register_batchnorm(model, patterns, factor_dtype)
+        if not self.layers and not self.batchnorm_layers:
+            warnings.warn(
+                "K-FAC: no layers were registered; step() leaves gradients as they are",
+                stacklevel=2,
+            )
 
         self.comm = make_communicator(process_group)
         self.grad_worker_fraction = resolve_grad_worker_fraction(
@@ -171,11 +194,38 @@ class KFACPreconditioner:
             self.layers[label] = layer
             self._by_module[module] = layer
             self._hook_handles.append(module.register_forward_hook(self._forward_hook))
-        if not self.layers:
-            warnings.warn(
-                "K-FAC: no layers were registered; step() leaves gradients as they are",
-                stacklevel=3,
-            )
+
+    def _register_batchnorm(
+        self, model: nn.Module, patterns: list[re.Pattern[str]], dtype: torch.dtype
+    ) -> None:
+        """Affine BatchNorm layers get SP-NGD's unit-wise 2×2 Fisher blocks."""
+        root = model.module if isinstance(model, DistributedDataParallel) else model
+        for name, module in root.named_modules():
+            if not isinstance(module, nn.modules.batchnorm._BatchNorm) or not module.affine:
+                continue
+            if any(p.search(name) or p.search(type(module).__name__) for p in patterns):
+                continue
+            if not module.weight.requires_grad:
+                continue
+            self.batchnorm_layers[name] = UnitWiseBatchNorm(name, module, dtype)
+            self._bn_by_module[module] = self.batchnorm_layers[name]
+            self._hook_handles.append(module.register_forward_hook(self._batchnorm_forward_hook))
+
+    def _batchnorm_forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output) -> None:
+        if not (self._collecting and module.training and torch.is_grad_enabled()):
+            return
+        if not (isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        layer = self._bn_by_module[module]
+        with torch.no_grad(), _no_autocast(output.device):
+            x_hat = normalised_input(module, inputs[0].detach().to(layer.dtype))
+        output.register_hook(partial(self._batchnorm_grad_hook, layer, x_hat))
+
+    def _batchnorm_grad_hook(
+        self, layer: UnitWiseBatchNorm, x_hat: torch.Tensor, grad: torch.Tensor
+    ) -> None:
+        with torch.no_grad(), _no_autocast(grad.device):
+            layer.accumulate(x_hat, grad.detach(), self._g_multiplier(grad))
 
     def remove_hooks(self) -> None:
         """Detach every hook from the model (the preconditioner stops collecting statistics)."""
@@ -260,6 +310,12 @@ class KFACPreconditioner:
         grads = {name: g for name, g in grads.items() if g is not None}
         preconditioned = self._precondition(grads)
         self._broadcast_preconditioned(preconditioned)
+        # BatchNorm blocks are tiny: every rank preconditions them itself, no communication.
+        for name, bn in self.batchnorm_layers.items():
+            bn_grads = bn.grads()
+            if bn_grads is not None:
+                grads[name] = torch.stack(bn_grads)
+                preconditioned[name] = torch.stack(bn.precondition(*bn_grads))
         self._clip_and_write(preconditioned, grads, step)
         self.steps += 1
         self._collecting = self._factor_update_due(self.steps)
@@ -305,7 +361,26 @@ class KFACPreconditioner:
                 self._dropped = self._dropped.to(keep.device) + ~keep
             layer.A.reset_batch()
             layer.G.reset_batch()
+        self._reduce_batchnorm(decay)
         self._force_factor_update = False
+
+    def _reduce_batchnorm(self, decay: float) -> None:
+        """Average the BatchNorm blocks over ranks (one all-reduce) and fold them in."""
+        if not self.batchnorm_layers:
+            return
+        local = [
+            b.batch() if b.batch() is not None else b.running
+            for b in self.batchnorm_layers.values()
+        ]
+        if self.comm.world_size > 1:
+            buffer = flatten(local)
+            self.comm.allreduce_sum(buffer, FACTOR_ALLREDUCE).wait()
+            buffer /= self.comm.world_size
+            local = [t.clone() for t in local]
+            unflatten_into(buffer, local)
+        for layer, batch in zip(self.batchnorm_layers.values(), local, strict=True):
+            self._dropped = self._dropped.to(batch.device) + layer.update_running(batch, decay)
+            layer.reset_batch()
 
     def _local_factors(self, name: str) -> list[torch.Tensor]:
         """This rank's batch factors; a layer without statistics here contributes its running
@@ -354,6 +429,8 @@ class KFACPreconditioner:
             p.wait()
         for f in finish:
             f()
+        for bn in self.batchnorm_layers.values():
+            bn.update_inverse(damping)
         self._force_second_order = False
 
     def _second_order_per_factor(
@@ -453,7 +530,11 @@ class KFACPreconditioner:
             )
         self.last_kl_scale = scale
         for name, V in preconditioned.items():
-            self.layers[name].write_grad(V * scale.to(V.dtype))
+            V = V * scale.to(V.dtype)
+            if name in self.layers:
+                self.layers[name].write_grad(V)
+            else:
+                self.batchnorm_layers[name].write(V[0], V[1])
 
     # ------------------------------------------------------------------ state
     def state_dict(self, include_factors: bool = True) -> dict[str, Any]:
@@ -470,10 +551,17 @@ class KFACPreconditioner:
                 entry["G"] = layer.G.running.detach().clone()
                 entry.update(self._gather_second_order(layer))
             layers[name] = entry
+        batchnorm = {
+            name: {"F": bn.running.detach().clone()}
+            | ({"F_inv": bn.inverse.detach().clone()} if bn.inverse is not None else {})
+            for name, bn in self.batchnorm_layers.items()
+            if include_factors
+        }
         return {
             "steps": self.steps,
             "compute_method": self.compute_method,
             "layers": layers,
+            "batchnorm": batchnorm,
         }
 
     def _gather_second_order(self, layer: KFACLayer) -> dict[str, torch.Tensor]:
@@ -535,6 +623,16 @@ class KFACPreconditioner:
             targets = layer.second_order_tensors(self.compute_method)
             for target, key in zip(targets, keys, strict=True):
                 target.copy_(entry[key].to(device=device, dtype=target.dtype))
+        saved_bn = state.get("batchnorm", {})
+        for name, bn in self.batchnorm_layers.items():
+            if name not in saved_bn or "F" not in saved_bn[name]:
+                self._force_factor_update = self._force_second_order = True
+                continue
+            bn.running = saved_bn[name]["F"].to(bn.running.device, bn.dtype).clone()
+            if "F_inv" in saved_bn[name]:
+                bn.inverse = saved_bn[name]["F_inv"].to(bn.running.device, bn.dtype).clone()
+            else:
+                self._force_second_order = True
         self._collecting = self._factor_update_due(self.steps)
 
     # ------------------------------------------------------------------ reporting
@@ -545,9 +643,10 @@ class KFACPreconditioner:
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes of K-FAC state on this rank: running factors and second-order data."""
+        held = [*self.layers.values(), *self.batchnorm_layers.values()]
         return {
-            "factors": sum(layer.factor_bytes() for layer in self.layers.values()),
-            "second_order": sum(layer.second_order_bytes() for layer in self.layers.values()),
+            "factors": sum(layer.factor_bytes() for layer in held),
+            "second_order": sum(layer.second_order_bytes() for layer in held),
         }
 
     def summary(self) -> str:

@@ -82,6 +82,8 @@ def build_preconditioner(
 
     if kfac.compute_method not in ("eigen", "inverse"):
         raise UserError(f"kfac.compute_method={kfac.compute_method!r}: choose eigen or inverse")
+    if kfac.batchnorm not in ("skip", "unit_wise"):
+        raise UserError(f"kfac.batchnorm={kfac.batchnorm!r}: choose skip or unit_wise")
     if kfac.grad_scaling not in ("mean", "per_example"):
         raise UserError(f"kfac.grad_scaling={kfac.grad_scaling!r}: choose mean or per_example")
     fraction = strategy.grad_worker_fraction
@@ -104,6 +106,7 @@ def build_preconditioner(
         lr=lambda step: optimizer.param_groups[0]["lr"],
         compute_method=kfac.compute_method,
         factored_damping=kfac.factored_damping,
+        batchnorm=kfac.batchnorm,
         accumulation_steps=accumulation_steps,
         grad_scaler=grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None,
         factor_dtype=dtype_of(kfac.factor_dtype, "kfac.factor_dtype"),

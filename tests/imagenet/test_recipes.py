@@ -97,6 +97,7 @@ def test_sp_ngd_recipes_follow_the_paper_table() -> None:
         )
         assert got == pytest.approx((alpha, power, start, end, lr, momentum, damping, steps), 1e-3)
         assert c.kfac.factored_damping and c.kfac.compute_method == "inverse"
+        assert c.kfac.batchnorm == "unit_wise"
 
 
 @pytest.mark.parametrize(("size", "optim"), RECIPES, ids=[f"{s}-{o}" for s, o in RECIPES])

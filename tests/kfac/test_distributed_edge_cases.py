@@ -109,3 +109,43 @@ def test_hybrid_opt_uses_the_largest_divisor_of_p_not_above_half(world: int, wor
 def test_a_fraction_that_does_not_divide_the_world_names_the_valid_choices() -> None:
     with pytest.raises(ValueError, match=r"1/6, 2/6, 3/6, 6/6"):
         plan_work([LayerShape("l", 4, 4)], 6, 0.7)
+
+
+class ConvBatchNormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.head = nn.Linear(3 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def _bn_image_data(world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(world * LOCAL_BATCH, 2, 4, 4, generator=generator, dtype=torch.float64)
+    return x, torch.randint(0, 3, (world * LOCAL_BATCH,), generator=generator)
+
+
+def _bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return ConvBatchNormNet().double()
+
+
+def _bn_distributed_run(world: int, fraction: str) -> list[torch.Tensor]:
+    model = _bn_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    pre = KFACPreconditioner(ddp, grad_worker_fraction=fraction, batchnorm="unit_wise", **SETTINGS)
+    return _train(ddp, pre, [_shard(*_bn_image_data(world), dist.get_rank())])
+
+
+@pytest.mark.parametrize("fraction", ["comm-opt", "mem-opt"])
+def test_unit_wise_batchnorm_on_2_ranks_equals_one_process_accumulating(fraction: str) -> None:
+    model = _bn_model()
+    pre = KFACPreconditioner(model, accumulation_steps=2, batchnorm="unit_wise", **SETTINGS)
+    x, y = _bn_image_data(2)
+    expected = _train(model, pre, [_shard(x, y, r) for r in range(2)])
+    for rank, params in enumerate(run_distributed(_bn_distributed_run, 2, 2, fraction)):
+        for got, want in zip(params, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=f"rank {rank}")
