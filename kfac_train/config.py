@@ -162,6 +162,7 @@ class KFACConfig:
     compute_method: str = "eigen"
     factored_damping: bool = False
     batchnorm: str = "skip"
+    conv_factor: str = "patches"
     grad_scaling: str = "mean"
     skip_layers: list[str] = field(default_factory=list)
     factor_dtype: str = "float32"

@@ -39,7 +39,7 @@ from torch import nn
 from kfac_train.kfac import KFACPreconditioner
 from kfac_train.models.resnet_cifar import CifarResNet, ResNet20Config
 
-MB = 2**20
+MB = 1e6
 KFAC_HYPERPARAMETERS = {"damping": 0.003, "factor_decay": 0.95, "kl_clip": 0.001, "lr": 0.1}
 INTERVALS = {"1/1": (1, 1), "10/100": (10, 100)}
 PHASES = ("forward+backward", "pre.step", "optimizer.step")
@@ -146,6 +146,12 @@ def parse_args() -> argparse.Namespace:
         help="add ResNet-50 at batch 64 under bf16 autocast (GPU case)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--conv-factor",
+        choices=("patches", "spatial_mean"),
+        default="patches",
+        help="K-FAC conv input factor: exact patches or Ba et al.'s spatial mean",
+    )
     parser.add_argument(
         "--profile-steps", type=int, default=20, help="steps (after warm-up) under --profile"
     )
@@ -338,6 +344,7 @@ def main() -> None:
     args = parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    KFAC_HYPERPARAMETERS["conv_factor"] = args.conv_factor
     device = torch.device(args.device)
     if args.profile is not None:
         profile(args.profile, args, device)

@@ -97,13 +97,8 @@ class Conv2dHandler:
     """
 
     def input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        x = self._padded(module, x)
         kh, kw = module.kernel_size
-        (dh, dw), (sh, sw) = module.dilation, module.stride
-        # A strided view of the patches, (B, C, H_out, W_out, span_h, span_w); far cheaper on CPU
-        # than F.unfold (im2col). Dilation keeps every d-th element of a window of span d(k−1)+1.
-        patches = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
-        patches = patches[..., ::dh, ::dw]
+        patches = self._patch_view(module, self._padded(module, x))
         batch, channels, h_out, w_out = patches.shape[:4]
         spatial, width = h_out * w_out, channels * kh * kw
         has_bias = module.bias is not None
@@ -116,6 +111,18 @@ class Conv2dHandler:
         if has_bias:
             rows[:, width] = 1.0
         return rows.div_(spatial)
+
+    @staticmethod
+    def _patch_view(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Strided (no-copy) view of the patches: ``(B, C, H_out, W_out, kh, kw)``.
+
+        Far cheaper on CPU than ``F.unfold`` (im2col); dilation keeps every d-th element of a
+        window of span ``d(k − 1) + 1``.
+        """
+        kh, kw = module.kernel_size
+        (dh, dw), (sh, sw) = module.dilation, module.stride
+        patches = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+        return patches[..., ::dh, ::dw]
 
     @staticmethod
     def _padded(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -140,6 +147,22 @@ class Conv2dHandler:
         if module.groups != 1:
             return f"grouped convolution (groups={module.groups}) is not supported"
         return None
+
+
+class Conv2dSpatialMeanHandler(Conv2dHandler):
+    """Ba et al.'s cheaper convolution input factor (ICLR 2017, App. A).
+
+    Patches are averaged over the ``S`` output positions *before* the outer product: one row per
+    example, ``ā_n = [mean_t p_{n,t}, 1] / S`` and ``A = Σ_n ā_n ā_nᵀ / B``. This equals the exact
+    factor when the patches do not vary across positions and costs ``S`` times less to form. ``G``
+    is unchanged.
+    """
+
+    def input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        patches = self._patch_view(module, self._padded(module, x))
+        batch, spatial = patches.shape[0], patches.shape[2] * patches.shape[3]
+        rows = patches.mean(dim=(2, 3)).reshape(batch, -1)  # (B, C_in·kh·kw), a reduction
+        return _with_bias_column(rows, module.bias is not None) / spatial
 
 
 _HANDLERS: dict[type[nn.Module], LayerHandler] = {}

@@ -29,12 +29,13 @@ from .comm import (
 )
 from .hyperparams import Scheduled, is_due, resolve
 from .kfac_layer import COMPUTE_METHODS, EIGEN, KFACLayer
-from .layers import handler_for
+from .layers import Conv2dHandler, Conv2dSpatialMeanHandler, handler_for
 from .linalg import eigen_reciprocal
 
 logger = logging.getLogger(__name__)
 
 GRAD_SCALINGS = ("mean", "per_example")
+CONV_FACTORS = ("patches", "spatial_mean")
 BATCHNORM_MODES = ("skip", "unit_wise")
 _SECOND_ORDER_KEYS = {EIGEN: ("Q_A", "Q_G", "recip"), "inverse": ("A_inv", "G_inv")}
 
@@ -77,6 +78,7 @@ class KFACPreconditioner:
         skip_layers: Sequence[str] = (),
         grad_scaling: str = "mean",
         batchnorm: str = "skip",
+        conv_factor: str = "patches",
         grad_worker_fraction: float | str = 1.0,
         bucket_cap_mb: float = 25.0,
         symmetry_aware: bool = False,
@@ -96,6 +98,8 @@ class KFACPreconditioner:
             )
         if grad_scaling not in GRAD_SCALINGS:
             raise ValueError(f"grad_scaling must be one of {GRAD_SCALINGS}, got {grad_scaling!r}")
+        if conv_factor not in CONV_FACTORS:
+            raise ValueError(f"conv_factor must be one of {CONV_FACTORS}, got {conv_factor!r}")
         if batchnorm not in BATCHNORM_MODES:
             raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
         if bucket_cap_mb <= 0:
@@ -125,6 +129,7 @@ class KFACPreconditioner:
         self._bn_by_module: dict[nn.Module, UnitWiseBatchNorm] = {}
         self._hook_handles: list[Any] = []
         patterns = [re.compile(p) for p in skip_layers]
+        self._conv_handler = Conv2dSpatialMeanHandler() if conv_factor == "spatial_mean" else None
         self._register(model, patterns, factor_dtype, inv_dtype)
         if batchnorm == "unit_wise":
             self._register_batchnorm(model, patterns, factor_dtype)
@@ -179,6 +184,8 @@ class KFACPreconditioner:
             handler = handler_for(module)
             if handler is None:
                 continue
+            if self._conv_handler is not None and isinstance(handler, Conv2dHandler):
+                handler = self._conv_handler
             kind = type(module).__name__
             label = name or "<root>"
             if any(p.search(name) or p.search(kind) for p in patterns):

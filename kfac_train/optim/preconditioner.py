@@ -82,6 +82,8 @@ def build_preconditioner(
 
     if kfac.compute_method not in ("eigen", "inverse"):
         raise UserError(f"kfac.compute_method={kfac.compute_method!r}: choose eigen or inverse")
+    if kfac.conv_factor not in ("patches", "spatial_mean"):
+        raise UserError(f"kfac.conv_factor={kfac.conv_factor!r}: choose patches or spatial_mean")
     if kfac.batchnorm not in ("skip", "unit_wise"):
         raise UserError(f"kfac.batchnorm={kfac.batchnorm!r}: choose skip or unit_wise")
     if kfac.grad_scaling not in ("mean", "per_example"):
@@ -107,6 +109,7 @@ def build_preconditioner(
         compute_method=kfac.compute_method,
         factored_damping=kfac.factored_damping,
         batchnorm=kfac.batchnorm,
+        conv_factor=kfac.conv_factor,
         accumulation_steps=accumulation_steps,
         grad_scaler=grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None,
         factor_dtype=dtype_of(kfac.factor_dtype, "kfac.factor_dtype"),
