@@ -50,7 +50,7 @@ def eigh(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if _finite(d, q):
             return d.clamp_min(0.0), q
     except (RuntimeError, torch.linalg.LinAlgError):
-        pass
+        pass  # retried below in float64 with jitter
     try:
         d, q = torch.linalg.eigh(_jittered(factor))
     except (RuntimeError, torch.linalg.LinAlgError) as err:
@@ -72,7 +72,7 @@ def damped_inverse(factor: torch.Tensor, damping: float) -> torch.Tensor:
         if _finite(inv):
             return inv
     except (RuntimeError, torch.linalg.LinAlgError):
-        pass
+        pass  # retried below in float64 with jitter
     try:
         inv = torch.linalg.inv(_jittered(factor) + damping * eye.to(torch.float64))
     except (RuntimeError, torch.linalg.LinAlgError) as err:

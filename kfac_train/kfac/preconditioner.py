@@ -375,9 +375,11 @@ class KFACPreconditioner:
         """Average the BatchNorm blocks over ranks (one all-reduce) and fold them in."""
         if not self.batchnorm_layers:
             return
+        batches = [bn.batch() for bn in self.batchnorm_layers.values()]
+        # a layer without statistics on this rank contributes its running average
         local = [
-            b.batch() if b.batch() is not None else b.running
-            for b in self.batchnorm_layers.values()
+            batch if batch is not None else bn.running
+            for bn, batch in zip(self.batchnorm_layers.values(), batches, strict=True)
         ]
         if self.comm.world_size > 1:
             buffer = flatten(local)
