@@ -201,7 +201,7 @@ def _train(config: RunConfig, cfg: DictConfig | RunConfig, dist_info: DistInfo) 
             logger.message(_final_line(summary))
             logger.close(summary)
         if trainer.requeue_signal is not None:  # after every output is written
-            requeue_after_stop(trainer.requeue_signal)
+            requeue_after_stop(trainer.requeue_signal, resume=config.checkpoint.resume)
     return summary
 
 

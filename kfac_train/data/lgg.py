@@ -223,7 +223,8 @@ class LggSlices(Dataset):
         self.volume_ids = torch.tensor(volume_ids, dtype=torch.int64)  # (N,)
         self.slice_ids = torch.tensor(slice_ids, dtype=torch.int64)  # (N,)
         # (V, 3) each: 10th / 99th percentiles, mean and std of the clipped volume
-        self.low, self.high, self.mean, self.std = (torch.stack(t) for t in zip(*statistics, strict=True))
+        stacked = (torch.stack(t) for t in zip(*statistics, strict=True))
+        self.low, self.high, self.mean, self.std = stacked
         self.augment = (
             v2.Compose(
                 [

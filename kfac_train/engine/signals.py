@@ -125,7 +125,9 @@ def _python_handler(signal_number: int) -> Callable[[int, FrameType | None], Any
     return None
 
 
-def requeue_after_stop(signal_number: int, env: dict[str, str] | None = None) -> str:
+def requeue_after_stop(
+    signal_number: int, resume: str | None = "auto", env: dict[str, str] | None = None
+) -> str:
     """Ask for this job to be requeued after the stop checkpoint (rank 0, outputs written).
 
     - A launcher's Python handler for the signal (submitit's SIGUSR2 handler) is called: it
@@ -135,9 +137,18 @@ def requeue_after_stop(signal_number: int, env: dict[str, str] | None = None) ->
       ``checkpoint.resume=auto`` continues from the checkpoint just written. The job must allow
       requeueing (``#SBATCH --requeue``).
 
-    Returns what was done ("handler", "scontrol", "failed: ..." or "none": not under Slurm).
+    Nothing is requeued unless `resume` (``checkpoint.resume``) is "auto": the requeued job
+    would start over. Returns what was done ("handler", "scontrol", "failed: ...", "none": not
+    under Slurm, or "not resumable").
     """
     env = dict(os.environ if env is None else env)
+    if resume != "auto":
+        log.warning(
+            "not requeued: checkpoint.resume=%s, so the requeued job would start over; pass "
+            "checkpoint.resume=auto to continue runs across time limits",
+            resume,
+        )
+        return "not resumable"
     handler = _python_handler(signal_number)
     if handler is not None:
         name = signal.Signals(signal_number).name
