@@ -245,8 +245,10 @@ class LggSlices(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         volume = int(self.volume_ids[index])
-        clipped = self.images[index].to(torch.float32).clamp(
-            self.low[volume, :, None, None], self.high[volume, :, None, None]
+        clipped = (
+            self.images[index]
+            .to(torch.float32)
+            .clamp(self.low[volume, :, None, None], self.high[volume, :, None, None])
         )
         image = (clipped - self.mean[volume, :, None, None]) / self.std[volume, :, None, None]
         mask = self.masks[index]

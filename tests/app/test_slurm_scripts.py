@@ -58,8 +58,9 @@ def stub(directory: Path, name: str, body: str) -> None:
     path.chmod(0o755)
 
 
-def submit(tmp_path: Path, script: Path, *args: str, job: str, signal_at: int | None,
-           extra: str = "") -> subprocess.CompletedProcess:
+def submit(
+    tmp_path: Path, script: Path, *args: str, job: str, signal_at: int | None, extra: str = ""
+) -> subprocess.CompletedProcess:
     """`sbatch script args` on the stub cluster; the job's cwd is `tmp_path`."""
     bin_dir = tmp_path / "bin"
     if not bin_dir.exists():
@@ -70,14 +71,28 @@ def submit(tmp_path: Path, script: Path, *args: str, job: str, signal_at: int | 
         stub(bin_dir, "python", f'exec {sys.executable} "$@"')
         (tmp_path / "train.py").symlink_to(REPO / "train.py")
         (tmp_path / "conf").symlink_to(REPO / "conf")
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO),
-           "STUB_DIR": str(tmp_path), "STUB_JOB_ID": job, "SIGNAL_AT_STEP": str(signal_at or ""),
-           "STUB_EXTRA_ARGS": extra, "OMP_NUM_THREADS": "1", "DATA_ROOT": "/nonexistent"}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO),
+        "STUB_DIR": str(tmp_path),
+        "STUB_JOB_ID": job,
+        "SIGNAL_AT_STEP": str(signal_at or ""),
+        "STUB_EXTRA_ARGS": extra,
+        "OMP_NUM_THREADS": "1",
+        "DATA_ROOT": "/nonexistent",
+    }
     for name in list(env):
         if name.startswith("SLURM_"):
             del env[name]
-    return subprocess.run(["sbatch", str(script), *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        ["sbatch", str(script), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def body_lines(script: Path) -> list[str]:
@@ -105,14 +120,20 @@ def test_the_torchrun_agent_passes_the_warning_signal_on_and_waits_for_the_check
     handled = [w.split("=", 1)[1] for w in words if w.startswith("--signals-to-handle=")]
     assert handled and "SIGUSR1" in handled[0].split(",") and "SIGTERM" in handled[0].split(",")
     (timeout,) = [int(w.split("=", 1)[1]) for w in words if w.startswith("--shutdown-timeout=")]
-    signal_lead = int(next(line for line in (SLURM / "train_torchrun.sbatch").read_text()
-                           .splitlines() if "--signal=USR1@" in line).rsplit("@", 1)[1])
+    signal_lead = int(
+        next(
+            line
+            for line in (SLURM / "train_torchrun.sbatch").read_text().splitlines()
+            if "--signal=USR1@" in line
+        ).rsplit("@", 1)[1]
+    )
     assert 0 < timeout < signal_lead  # the workers get the time to checkpoint, not more
 
 
 def test_a_finished_job_is_not_requeued(tmp_path: Path):
-    result = submit(tmp_path, SLURM / "train.sbatch", *FAST, "trainer.max_steps=2", job="98",
-                    signal_at=None)
+    result = submit(
+        tmp_path, SLURM / "train.sbatch", *FAST, "trainer.max_steps=2", job="98", signal_at=None
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "outputs/slurm-98.0/summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 2
@@ -141,8 +162,14 @@ def assert_same(a, b, where: str = "") -> None:
 
 
 # K-FAC with augmentation, evaluations; log every step so that the stub can aim its signal
-RUN = [*FAST, "logger.progress=lines", "trainer.max_steps=40", "trainer.log_every=1",
-       "trainer.eval_every=10", "seed=5"]
+RUN = [
+    *FAST,
+    "logger.progress=lines",
+    "trainer.max_steps=40",
+    "trainer.log_every=1",
+    "trainer.eval_every=10",
+    "seed=5",
+]
 
 
 def test_a_job_warned_of_its_time_limit_requeues_and_ends_as_if_never_interrupted(
@@ -164,8 +191,10 @@ def test_a_job_warned_of_its_time_limit_requeues_and_ends_as_if_never_interrupte
     reference_dir = tmp_path / "outputs/slurm-100.0"
     assert_same(final_state(run_dir, 40), final_state(reference_dir, 40))
     expected = json.loads((reference_dir / "summary.json").read_text())
-    assert summary["metrics"] == expected["metrics"] and summary["final_loss"] == expected[
-        "final_loss"]
+    assert (
+        summary["metrics"] == expected["metrics"]
+        and summary["final_loss"] == expected["final_loss"]
+    )
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     reference_records = [
         json.loads(line) for line in (reference_dir / "metrics.jsonl").read_text().splitlines()
@@ -179,10 +208,12 @@ def test_a_job_warned_of_its_time_limit_requeues_and_ends_as_if_never_interrupte
 
 def test_a_workload_script_requeues_the_same_way(tmp_path: Path):
     # unet_kfac.sbatch's own srun line, shrunk to a CPU run on synthetic slices
-    shrink = ("data=synthetic model.image_size=32 model.init_features=4 batch.size=4 "
-              "trainer.micro_batch=4 trainer.max_steps=12 trainer.log_every=1 trainer.device=cpu "
-              "kfac.inv_update_steps=4 kfac.factor_update_steps=2 trainer.cpu_threads=1 "
-              "logger.progress=lines schedule.warmup=2")
+    shrink = (
+        "data=synthetic model.image_size=32 model.init_features=4 batch.size=4 "
+        "trainer.micro_batch=4 trainer.max_steps=12 trainer.log_every=1 trainer.device=cpu "
+        "kfac.inv_update_steps=4 kfac.factor_update_steps=2 trainer.cpu_threads=1 "
+        "logger.progress=lines schedule.warmup=2"
+    )
     result = submit(tmp_path, SLURM / "unet_kfac.sbatch", job="7", signal_at=4, extra=shrink)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "7"]

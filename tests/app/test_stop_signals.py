@@ -65,16 +65,39 @@ def test_a_torchrun_agent_passes_sigusr1_to_its_workers_which_checkpoint_and_req
     scontrol.write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/scontrol.log\n')
     scontrol.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PATH=f"{bin_dir}:{env['PATH']}", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
-               SLURM_JOB_ID="77", SLURM_STEP_ID="0")
+    env.update(
+        PATH=f"{bin_dir}:{env['PATH']}",
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1",
+        SLURM_JOB_ID="77",
+        SLURM_STEP_ID="0",
+    )
     # trainer.log_every=1000: the stop flag must be polled every step, not every log_every
-    run = [*FAST, "trainer.max_steps=2000", "trainer.log_every=1000", "checkpoint.every=5",
-           "model.batch_norm=false", "trainer.micro_batch=32"]
+    run = [
+        *FAST,
+        "trainer.max_steps=2000",
+        "trainer.log_every=1000",
+        "checkpoint.every=5",
+        "model.batch_norm=false",
+        "trainer.micro_batch=32",
+    ]
     agent = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=120",
-         str(REPO / "train.py"), *run],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+            "--shutdown-timeout=120",
+            str(REPO / "train.py"),
+            *run,
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     run_dir = tmp_path / "outputs/slurm-77.0"
     deadline = time.monotonic() + 300

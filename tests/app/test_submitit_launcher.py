@@ -23,8 +23,11 @@ from .conftest import CONF, FAST, compose_config
 def launcher_config(*overrides: str):
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=normalise_argv(["hydra/launcher=kfac_slurm", *overrides]),
-                      return_hydra_config=True)
+        cfg = compose(
+            "config",
+            overrides=normalise_argv(["hydra/launcher=kfac_slurm", *overrides]),
+            return_hydra_config=True,
+        )
     return cfg.hydra.launcher
 
 
@@ -34,8 +37,10 @@ def test_the_launcher_config_asks_for_a_long_job_a_warning_signal_and_requeues()
     assert launcher.nodes == 4 and launcher.tasks_per_node == launcher.gpus_per_node == 8
     assert launcher.timeout_min == 1440 and launcher.max_num_timeout > 0
     sbatch = _make_sbatch_string(
-        command="python -m submitit.core._submit", folder="/tmp/x",
-        time=launcher.timeout_min, signal_delay_s=launcher.signal_delay_s,
+        command="python -m submitit.core._submit",
+        folder="/tmp/x",
+        time=launcher.timeout_min,
+        signal_delay_s=launcher.signal_delay_s,
         additional_parameters=dict(launcher.additional_parameters),
     )
     assert "#SBATCH --signal=USR2@300" in sbatch and "#SBATCH --open-mode=append" in sbatch

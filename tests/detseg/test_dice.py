@@ -100,8 +100,9 @@ def test_the_evaluator_reassembles_volumes_from_shuffled_slices():
     masks = slices_of(ACTUAL)
     # volume 1 is empty in prediction and truth; slices of volume 0 come in the order 2, 0, 1
     dice.update(probabilities[[2]], masks[[2]], torch.tensor([0]), torch.tensor([2]))
-    dice.update(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4), torch.tensor([1, 1]),
-                torch.tensor([0, 1]))
+    dice.update(
+        torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4), torch.tensor([1, 1]), torch.tensor([0, 1])
+    )
     dice.update(probabilities[[0, 1]], masks[[0, 1]], torch.tensor([0, 0]), torch.tensor([0, 1]))
     assert dice.per_volume() == pytest.approx([4 / 6, 1.0])
     assert dice.compute() == pytest.approx((4 / 6 + 1.0) / 2)
@@ -111,8 +112,9 @@ def _largest_component_dice_on_two_ranks() -> list[float]:
     rank = torch.distributed.get_rank()
     dice = LargestComponentDice(num_volumes=1)
     own = [rank, 2] if rank == 0 else [1]  # the volume's slices are split over the ranks
-    dice.update(slices_of(PREDICTED)[own], slices_of(ACTUAL)[own], torch.zeros(len(own)),
-                torch.tensor(own))
+    dice.update(
+        slices_of(PREDICTED)[own], slices_of(ACTUAL)[own], torch.zeros(len(own)), torch.tensor(own)
+    )
     return dice.per_volume()
 
 
