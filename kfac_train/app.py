@@ -26,6 +26,7 @@ from kfac_train.engine.checkpoint import resolve_resume
 from kfac_train.engine.loop import Components, Trainer
 from kfac_train.engine.outputs import RunOutputs
 from kfac_train.engine.precision import autocast_factory, make_grad_scaler
+from kfac_train.engine.signals import requeue_after_stop
 from kfac_train.errors import UserError
 from kfac_train.optim.first_order import build_optimizer
 from kfac_train.optim.preconditioner import build_preconditioner
@@ -199,6 +200,8 @@ def _train(config: RunConfig, cfg: DictConfig | RunConfig, dist_info: DistInfo) 
         for logger in loggers:
             logger.message(_final_line(summary))
             logger.close(summary)
+        if trainer.requeue_signal is not None:  # after every output is written
+            requeue_after_stop(trainer.requeue_signal, resume=config.checkpoint.resume)
     return summary
 
 

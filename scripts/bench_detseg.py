@@ -101,7 +101,7 @@ def unet_workload(args: argparse.Namespace, device: torch.device) -> Workload:
     batch_size = 16 if args.paper else args.unet_batch
 
     def batch(generator: torch.Generator) -> Any:
-        images, masks, _ = synthetic_segmentation_batch(batch_size, 3, size, generator)
+        images, masks = synthetic_segmentation_batch(batch_size, 3, size, generator)[:2]
         return images.to(device), masks.to(device)
 
     return Workload(

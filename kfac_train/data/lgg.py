@@ -10,12 +10,18 @@ One folder holds one patient's volume; ``<i>`` is the 1-based slice number. Pati
 slices) are split into training and validation sets with a seeded shuffle (KAISA: 100 / 10), so
 no patient appears in both.
 
-Samples are ``(image, mask, volume)``: ``image`` float32 ``(3, S, S)`` standardised per volume and
-channel (zero mean, unit variance over the whole volume), ``mask`` float32 ``(1, S, S)`` in {0, 1}
-and ``volume`` the int index of the slice's volume within the dataset (for per-volume Dice). ``S``
-is ``image_size`` (256 by default; slices are resized bilinearly, masks by nearest neighbour).
-Training samples get random horizontal flips, scaling and rotation, applied alike to image and
-mask.
+Preprocessing follows Buda et al.'s pipeline (the one KAISA's U-Net fork trains with), per
+volume: voxels darker than 10% of the volume's maximum are set to 0 and the volume is cropped to
+the bounding box (slices, rows, columns) of what remains, the brain (`crop_to_brain`); the
+slices are zero-padded to squares and resized to ``S`` (images bilinearly, masks by nearest
+neighbour); each channel is clipped to its 10th..99th percentile over the volume and then
+standardised (zero mean, unit variance over the volume).
+
+Samples are ``(image, mask, volume, slice)``: ``image`` float32 ``(3, S, S)``, ``mask`` float32
+``(1, S, S)`` in {0, 1}, ``volume`` the int index of the slice's volume within the dataset and
+``slice`` its position in the (cropped) volume (for the per-volume 3-D Dice). ``S`` is
+``image_size`` (256 by default). Training samples get random horizontal flips, scaling and
+rotation, applied alike to image and mask.
 """
 
 from __future__ import annotations
@@ -122,6 +128,47 @@ def _read_slice(image_path: Path, mask_path: Path) -> tuple[torch.Tensor, torch.
     return image_t, mask_t
 
 
+def crop_to_brain(
+    images: torch.Tensor, masks: torch.Tensor, fraction: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Buda et al.'s brain crop of one volume: images ``(N, C, H, W)``, masks ``(N, 1, H, W)``.
+
+    Voxels below ``fraction`` x the volume's maximum (all channels) become 0; the volume is cut to
+    the bounding box, over slices, rows and columns, of the voxels left non-zero in any channel.
+    """
+    images = torch.where(images < fraction * images.max(), torch.zeros_like(images), images)
+    brain = images.amax(dim=1) > 0  # (N, H, W)
+    if not brain.any():
+        return images, masks
+    bounds = []
+    for dims in ((1, 2), (0, 2), (0, 1)):
+        nonzero = brain.any(dim=dims[1]).any(dim=dims[0]).nonzero().flatten()
+        bounds.append(slice(int(nonzero[0]), int(nonzero[-1]) + 1))
+    depth, rows, cols = bounds
+    return images[depth, :, rows, cols], masks[depth, :, rows, cols]
+
+
+def pad_to_square(images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad the shorter side of ``(N, C, H, W)`` slices (half before, half after)."""
+    height, width = images.shape[-2:]
+    diff = abs(height - width)
+    if diff == 0:
+        return images, masks
+    before, after = diff // 2, diff - diff // 2
+    padding = [before, after, 0, 0] if height > width else [0, 0, before, after]
+    return torch.nn.functional.pad(images, padding), torch.nn.functional.pad(masks, padding)
+
+
+def intensity_statistics(images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per channel of a volume ``(N, C, H, W)``: 10th and 99th percentiles, and the mean and std
+    of the volume clipped to them (each ``(C,)`` float32)."""
+    values = images.transpose(0, 1).reshape(images.shape[1], -1).to(torch.float64).numpy()
+    low, high = (torch.from_numpy(np.percentile(values, q, axis=1)) for q in (10, 99))
+    clipped = torch.from_numpy(values).clamp(low[:, None], high[:, None])
+    mean, std = clipped.mean(dim=1), clipped.std(dim=1).clamp(min=1e-6)
+    return tuple(t.to(torch.float32) for t in (low, high, mean, std))
+
+
 class LggSlices(Dataset):
     """All slices of the given volumes, held in memory as uint8 at ``image_size`` (module doc).
 
@@ -149,12 +196,16 @@ class LggSlices(Dataset):
         if not volumes:
             raise UserError("LggSlices needs at least one volume")
         self.volumes = list(volumes)
-        images, masks, volume_ids = [], [], []
-        means, stds = [], []
+        images, masks, volume_ids, slice_ids = [], [], [], []
+        statistics = []
         for index, volume in enumerate(self.volumes):
             pairs = [_read_slice(img, msk) for img, msk in volume.slices]
-            volume_images = torch.stack([image for image, _ in pairs])
-            volume_masks = torch.stack([mask for _, mask in pairs])
+            volume_images, volume_masks = pad_to_square(
+                *crop_to_brain(
+                    torch.stack([image for image, _ in pairs]),
+                    torch.stack([mask for _, mask in pairs]),
+                )
+            )
             if volume_images.shape[-1] != image_size or volume_images.shape[-2] != image_size:
                 volume_images = v2.functional.resize(
                     volume_images, [image_size, image_size], antialias=True
@@ -162,17 +213,18 @@ class LggSlices(Dataset):
                 volume_masks = v2.functional.resize(
                     tv_tensors.Mask(volume_masks), [image_size, image_size]
                 ).as_subclass(torch.Tensor)
-            as_float = volume_images.to(torch.float64)
-            means.append(as_float.mean(dim=(0, 2, 3)))
-            stds.append(as_float.std(dim=(0, 2, 3)).clamp(min=1e-6))
+            statistics.append(intensity_statistics(volume_images))
             images.append(volume_images)
             masks.append(volume_masks)
-            volume_ids += [index] * len(pairs)
+            volume_ids += [index] * len(volume_images)
+            slice_ids += range(len(volume_images))
         self.images = torch.cat(images)  # (N, 3, S, S) uint8
         self.masks = torch.cat(masks)  # (N, 1, S, S) uint8 in {0, 1}
         self.volume_ids = torch.tensor(volume_ids, dtype=torch.int64)  # (N,)
-        self.mean = torch.stack(means).to(torch.float32)  # (V, 3)
-        self.std = torch.stack(stds).to(torch.float32)  # (V, 3)
+        self.slice_ids = torch.tensor(slice_ids, dtype=torch.int64)  # (N,)
+        # (V, 3) each: 10th / 99th percentiles, mean and std of the clipped volume
+        stacked = (torch.stack(t) for t in zip(*statistics, strict=True))
+        self.low, self.high, self.mean, self.std = stacked
         self.augment = (
             v2.Compose(
                 [
@@ -191,16 +243,19 @@ class LggSlices(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         volume = int(self.volume_ids[index])
-        image = (self.images[index].to(torch.float32) - self.mean[volume, :, None, None]) / (
-            self.std[volume, :, None, None]
+        clipped = (
+            self.images[index]
+            .to(torch.float32)
+            .clamp(self.low[volume, :, None, None], self.high[volume, :, None, None])
         )
+        image = (clipped - self.mean[volume, :, None, None]) / self.std[volume, :, None, None]
         mask = self.masks[index]
         if self.augment is not None:
             image, mask = self.augment(tv_tensors.Image(image), tv_tensors.Mask(mask))
             image, mask = image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
-        return image, mask.to(torch.float32), volume
+        return image, mask.to(torch.float32), volume, int(self.slice_ids[index])
 
 
 @dataclass

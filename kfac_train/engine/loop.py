@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -34,7 +35,6 @@ from kfac_train.data.base import DataBundle
 from kfac_train.distributed import (
     DistInfo,
     all_gather_objects,
-    all_reduce_max,
     all_reduce_sum,
     barrier,
     broadcast_buffers,
@@ -49,7 +49,14 @@ from kfac_train.engine.checkpoint import (
     save_atomic,
 )
 from kfac_train.engine.outputs import RunOutputs
-from kfac_train.engine.signals import StopRequest
+from kfac_train.engine.signals import (
+    CONTINUE,
+    REQUEUE,
+    STOP,
+    StopAgreement,
+    StopRequest,
+    stop_code,
+)
 from kfac_train.errors import UserError
 from kfac_train.loggers.base import RunLogger
 from kfac_train.optim.preconditioner import Preconditioner
@@ -107,12 +114,17 @@ class Trainer:
         self.cfg = parts.config
         self.position = Position()
         self.stop = StopRequest()
+        self.stop_code = CONTINUE  # the code all ranks agreed on (engine/signals.py)
+        self._agreement = StopAgreement(self.stop, distributed=False)
+        self._run_start_step = 0
         inner = getattr(parts.model, "_orig_mod", parts.model)  # under torch.compile
         self.ddp = inner if isinstance(inner, nn.parallel.DistributedDataParallel) else None
         self._window_loss = torch.zeros((), device=parts.dist.device)
         self._window_logs: dict[str, torch.Tensor] = {}
         self._window_steps = 0
+        self._window_units = 0  # throughput units (samples or tokens) this rank trained on
         self._window_start = time.perf_counter()
+        self._session_start = time.perf_counter()
         self._last_eval_step = -1
         self.last_metrics: dict[str, float] = {}
         self.last_loss: float | None = None
@@ -159,8 +171,11 @@ class Trainer:
         micro_per_epoch = len(p.data.train)
         status = "completed"
         start = time.perf_counter() - self.position.elapsed
-        self._window_start = time.perf_counter()
-        with self.stop:
+        self._window_start = self._session_start = time.perf_counter()
+        self._run_start_step = self.position.step
+        agreement = StopAgreement(self.stop, p.dist.is_distributed)
+        with self.stop, contextlib.closing(agreement):
+            self._agreement = agreement
             while self.position.step < p.total_steps and status == "completed":
                 p.data.train.set_epoch(self.position.epoch, self.position.batches)
                 batches: Iterator[Any] = iter(p.data.train)
@@ -212,6 +227,7 @@ class Trainer:
                     out = p.task.training_loss(p.model, batch)
                 p.scaler.scale(out.loss / k).backward()
             self._window_loss += out.loss.detach().float() / k
+            self._window_units += p.task.throughput_count(batch)
             for name, value in out.logs.items():
                 value = value.detach().float() / k
                 self._window_logs[name] = self._window_logs.get(name, 0) + value
@@ -252,15 +268,23 @@ class Trainer:
     def _stop_requested(self, step: int) -> bool:
         """Whether a rank received a stop signal; all ranks agree, so all stop together.
 
-        Distributed runs compare flags every `trainer.log_every` steps (a small all-reduce that
-        waits for the step to finish), single processes every step.
+        Polled at every step: one process reads its own flag, ranks read the non-blocking
+        all-reduce started at the previous step (`StopAgreement`), so a signal is acted on within
+        two steps whatever `trainer.log_every` is.
         """
-        local = 1.0 if self.stop.requested else 0.0
-        if not self.p.dist.is_distributed:
-            return local > 0
-        if step % self.cfg.trainer.log_every and step != self.p.total_steps:
-            return False
-        return all_reduce_max(local) > 0
+        self.stop_code = self._agreement.poll()
+        return self.stop_code != CONTINUE
+
+    @property
+    def requeue_signal(self) -> int | None:
+        """The time-limit signal (USR1/USR2) the run stopped on, to requeue after; else None.
+
+        The signal this rank received, or SIGUSR1 when only other ranks had received one.
+        """
+        if self.stop_code != REQUEUE:
+            return None
+        local = self.stop.signal_number
+        return local if local is not None and stop_code(local) == REQUEUE else signal.SIGUSR1
 
     # ----------------------------------------------------------------------------- logging
     def _epoch_float(self) -> float:
@@ -282,6 +306,8 @@ class Trainer:
                 f"training diverged: the loss is {loss} at step {self.position.step}; "
                 "lower optim.lr (or raise kfac.damping)"
             )
+        now = time.perf_counter()
+        window_time = now - self._window_start
         record: dict[str, Any] = {
             "kind": "train",
             "step": self.position.step,
@@ -291,7 +317,8 @@ class Trainer:
             "lr": p.schedule.lr,
             "loss": loss,
             "metrics": dict(zip(names, values[1:], strict=True)),
-            "step_time": (time.perf_counter() - self._window_start) / self._window_steps,
+            "step_time": window_time / self._window_steps,
+            **self._speed(window_time, now),
         }
         comm, memory = p.preconditioner.comm_bytes(), p.preconditioner.memory_bytes()
         if comm.get("total") or memory:
@@ -305,7 +332,27 @@ class Trainer:
         self._window_loss = torch.zeros((), device=p.dist.device)
         self._window_logs = {}
         self._window_steps = 0
+        self._window_units = 0
         self._window_start = time.perf_counter()
+
+    def _speed(self, window_time: float, now: float) -> dict[str, float]:
+        """Throughput over the log window (all ranks), peak GPU memory and time to the end.
+
+        ``<unit>_per_s``: samples/s (tokens/s for masked LM, `Task.throughput_unit`), every
+        rank counted (equal shards); ``peak_memory_gib``: this rank's peak of allocated CUDA
+        memory since the start (CUDA only); ``eta_s``: remaining steps times this session's
+        mean step time (evaluations included).
+        """
+        p = self.p
+        units = self._window_units * p.dist.world_size
+        speed = {f"{p.task.throughput_unit}_per_s": units / max(window_time, 1e-9)}
+        if p.dist.device.type == "cuda":
+            speed["peak_memory_gib"] = torch.cuda.max_memory_allocated(p.dist.device) / 2**30
+        done = self.position.step - self._run_start_step
+        if done > 0:
+            remaining = p.total_steps - self.position.step
+            speed["eta_s"] = remaining * (now - self._session_start) / done
+        return speed
 
     def _emit(self, record: dict[str, Any]) -> None:
         if self.p.outputs is not None:
@@ -459,6 +506,7 @@ class Trainer:
             "world_size": p.dist.world_size,
             "steps_per_epoch": p.steps_per_epoch,
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "stop_request": {CONTINUE: None, REQUEUE: "requeue", STOP: "stop"}[self.stop_code],
         }
         memory = p.preconditioner.memory_bytes()
         comm = p.preconditioner.comm_bytes().get("total", {})

@@ -20,7 +20,8 @@ MODES = ("auto", "bar", "lines", "off")
 
 
 def format_record(record: dict[str, Any]) -> str:
-    """``step 120/500 | epoch 1.85 | loss 0.3120 | lr 0.0912 | top1 0.94 | 0.011 s/step``."""
+    """``step 120/500 | epoch 1.85 | loss 0.312 | lr 0.0912 | top1 0.94 | 0.011 s/step |
+    5818 samples/s | mem 3.20 GiB | ETA 4s`` (memory on CUDA only)."""
     total = f"/{record['total_steps']}" if record.get("total_steps") else ""
     parts = [f"step {record['step']}{total}"]
     parts.append(f"epoch {record['epoch']:.2f}")
@@ -31,7 +32,29 @@ def format_record(record: dict[str, Any]) -> str:
         parts.append(f"{key} {value:.4g}")
     if "step_time" in record:
         parts.append(f"{record['step_time']:.3g} s/step")
+    for key, value in record.items():
+        if key.endswith("_per_s"):
+            parts.append(f"{value:.4g} {key[: -len('_per_s')]}/s")
+    if "peak_memory_gib" in record:
+        parts.append(f"mem {record['peak_memory_gib']:.2f} GiB")
+    if "eta_s" in record:
+        parts.append(f"ETA {format_duration(record['eta_s'])}")
     return " | ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``7m05s``, ``3h07m``, ``2d04h`` (rounded down)."""
+    total = int(max(seconds, 0))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
 
 
 class ConsoleLogger:

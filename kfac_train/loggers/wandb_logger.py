@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
@@ -25,6 +26,11 @@ def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def run_id(run_dir: str) -> str:
+    """A W&B run id that is a function of the run directory: the same after every requeue."""
+    return hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:16]
+
+
 class WandbLogger:
     def __init__(self, cfg: LoggerConfig, run_dir: str, config: dict[str, Any]) -> None:
         if cfg.wandb_mode not in WANDB_MODES:
@@ -39,6 +45,8 @@ class WandbLogger:
             config=config,
             tags=list(cfg.wandb_tags),
             name=os.path.basename(os.path.normpath(run_dir)),
+            id=run_id(run_dir),
+            resume="allow",  # a requeued or resumed run continues its W&B run
         )
 
     def on_step(self, step: int) -> None:

@@ -105,6 +105,13 @@ class Task(abc.ABC):
             raise TypeError(f"cannot infer the batch size of {type(batch).__name__}")
         return int(tensor.shape[0])
 
+    #: what the throughput in the logs counts (``<unit>_per_s``): samples, or tokens for BERT
+    throughput_unit: str = "samples"
+
+    def throughput_count(self, batch: Any) -> int:
+        """How many `throughput_unit` a micro-batch holds (shapes only: no host sync)."""
+        return self.batch_size(batch)
+
     @abc.abstractmethod
     def training_loss(self, model: nn.Module, batch: Any) -> LossOutput:
         """Forward pass and loss of one micro-batch (mean over its samples)."""

@@ -78,6 +78,11 @@ class MaskedLMTask(Task):
     """BERT's pretraining objective (see the module docstring)."""
 
     cfg: MaskedLMConfig
+    throughput_unit = "tokens"
+
+    def throughput_count(self, batch: Any) -> int:
+        """Tokens of the micro-batch: sequences x sequence length (``input_ids`` (B, L))."""
+        return int(batch["input_ids"].numel())
 
     def training_loss(self, model: nn.Module, batch: Any) -> LossOutput:
         sums = pretraining_losses(model, batch)

@@ -35,7 +35,11 @@ def test_kfac_with_adam_reaches_a_validation_dice_of_0_8_in_50_steps(lgg_root: P
     assert summary["kfac"]["memory_bytes"]["factors"] > 0  # K-FAC was active
     last_eval = records(tmp_path, "eval")[-1]
     assert last_eval["metrics"]["dice"] == summary["metrics"]["dice"]
-    assert summary["metrics"]["dice"] >= 0.8, summary["metrics"]
+    # The fixture draws each slice's lesion at a random place, so a volume's lesions are separate
+    # 3-D components: Buda et al.'s `dice` keeps one of them by design; every pixel counts in
+    # `dice_all_components`.
+    assert summary["metrics"]["dice_all_components"] >= 0.8, summary["metrics"]
+    assert 0.0 < summary["metrics"]["dice"] < summary["metrics"]["dice_all_components"]
 
 
 def test_unet_runs_on_synthetic_slices_for_smoke_and_throughput_runs(tmp_path):
