@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from . import precision
+
 
 class Factor:
     """A symmetric ``n × n`` Kronecker factor (a layer's ``A`` or ``G``).
@@ -16,12 +18,17 @@ class Factor:
       (checkpointed state);
     * the *second-order data* derived from it: eigenvectors ``Q`` or the damped ``inverse``
       (recomputable; only allocated on ranks that need it).
+
+    ``dtype`` is the requested factor dtype; the statistic's product runs in it, while sums and
+    the running average are held in :attr:`dtype` = ``precision.factor_storage_dtype(dtype)``
+    (float32 for bfloat16/float16, see :mod:`.precision`).
     """
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
         self.size = size
-        self.dtype = dtype
-        self.running = torch.eye(size, dtype=dtype, device=device)
+        self.stat_dtype = dtype
+        self.dtype = precision.factor_storage_dtype(dtype)
+        self.running = torch.eye(size, dtype=self.dtype, device=device)
         self._batch_sum: torch.Tensor | None = None
         self.batch_count = 0
         self.eigvecs: torch.Tensor | None = None
@@ -29,10 +36,9 @@ class Factor:
 
     def accumulate(self, rows: torch.Tensor) -> None:
         """Add the statistic ``rowsᵀ rows / N`` of one micro-batch; ``rows`` is ``(N, size)``."""
-        rows = rows.to(self.dtype)
         if self.running.device != rows.device:
             self.running = self.running.to(rows.device)
-        stat = rows.T @ rows / rows.shape[0]
+        stat = precision.gram_mean(rows, self.stat_dtype).to(self.dtype)
         if self._batch_sum is None:
             self._batch_sum = stat
         else:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import linalg
+from . import linalg, precision
 from .factors import Factor
 from .layers import LayerHandler, grad_matrix, write_grad_matrix
 
@@ -55,6 +55,7 @@ class KFACLayer:
         self.A = Factor(a, factor_dtype, device)
         self.G = Factor(g, factor_dtype, device)
         self.recip: torch.Tensor | None = None
+        self._warned_range = False
 
     # ------------------------------------------------------------------ statistics (hooks)
     def accumulate_input(self, x: torch.Tensor) -> None:
@@ -121,13 +122,13 @@ class KFACLayer:
         # the same memory layout, hence bit-identical results.
         self.A.eigvecs = Q_A.to(self.inv_dtype).contiguous()
         self.G.eigvecs = Q_G.to(self.inv_dtype).contiguous()
-        self.recip = linalg.eigen_reciprocal(d_G, d_A, damping, factored).to(self.inv_dtype)
+        self.recip = self.to_inv_dtype(linalg.eigen_reciprocal(d_G, d_A, damping, factored))
 
     def update_inverse(self, factor: Factor, damping: float) -> None:
         """Damped inverse of one factor; on failure keep the previous one (or the identity)."""
         try:
             inverse = linalg.damped_inverse(factor.running, damping)
-            factor.inverse = inverse.to(self.inv_dtype).contiguous()
+            factor.inverse = self.to_inv_dtype(inverse)
         except linalg.DecompositionError as err:
             kept = "its previous inverse" if factor.inverse is not None else "an identity inverse"
             warnings.warn(
@@ -139,6 +140,23 @@ class KFACLayer:
                 factor.inverse = torch.eye(
                     factor.size, dtype=self.inv_dtype, device=factor.running.device
                 )
+
+    def to_inv_dtype(self, data: torch.Tensor) -> torch.Tensor:
+        """Second-order data (computed in float32 or better) cast to ``inv_dtype``, clamped to its
+        finite range: ``1/(d_G d_Aᵀ + λ)`` and ``(F + λI)⁻¹`` reach ``1/λ``, beyond float16's
+        65504 when ``λ < 1.53e-5``. Warns once per layer when it clamps (a host sync)."""
+        if not self._warned_range and precision.exceeds_range(data, self.inv_dtype):
+            self._warned_range = True
+            limit = torch.finfo(self.inv_dtype).max
+            warnings.warn(
+                f"K-FAC: layer {self.name!r}: second-order data exceeds the range of "
+                f"inv_dtype={precision.dtype_name(self.inv_dtype)} (damping below "
+                f"{1 / limit:.3g}); it is capped at {limit:g}, as if damped more: use "
+                f"inv_dtype=bfloat16 or float32, or damping >= {1 / limit:.3g}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return precision.to_finite(data, self.inv_dtype).contiguous()
 
     def set_identity_second_order(self, method: str) -> None:
         """Second-order data that leaves the gradient unchanged."""

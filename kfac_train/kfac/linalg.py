@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from . import precision
+
 #: Relative size of the diagonal jitter added on the float64 retry.
 JITTER = 1e-6
 
@@ -117,15 +119,19 @@ def eigen_reciprocal(
 def precondition_eigen(
     grad: torch.Tensor, Q_A: torch.Tensor, Q_G: torch.Tensor, recip: torch.Tensor
 ) -> torch.Tensor:
-    """``V = Q_G [(Q_Gᵀ grad Q_A) ⊙ recip] Q_Aᵀ``; all matrices are cast to ``grad.dtype``."""
-    dtype = grad.dtype
+    """``V = Q_G [(Q_Gᵀ grad Q_A) ⊙ recip] Q_Aᵀ`` in ``grad.dtype``, computed in float32 or
+    better (:func:`precision.compute_dtype`) and clamped to ``grad.dtype``'s finite range."""
+    dtype = precision.compute_dtype(grad.dtype)
     Q_A, Q_G, recip = Q_A.to(dtype), Q_G.to(dtype), recip.to(dtype)
-    return Q_G @ ((Q_G.T @ grad @ Q_A) * recip) @ Q_A.T
+    V = Q_G @ ((Q_G.T @ grad.to(dtype) @ Q_A) * recip) @ Q_A.T
+    return precision.to_finite(V, grad.dtype)
 
 
 def precondition_inverse(
     grad: torch.Tensor, A_inv: torch.Tensor, G_inv: torch.Tensor
 ) -> torch.Tensor:
-    """``V = (G + λI)⁻¹ grad (A + λI)⁻¹`` given the damped inverses."""
-    dtype = grad.dtype
-    return G_inv.to(dtype) @ grad @ A_inv.to(dtype)
+    """``V = (G + λI)⁻¹ grad (A + λI)⁻¹`` given the damped inverses (computed and returned like
+    :func:`precondition_eigen`)."""
+    dtype = precision.compute_dtype(grad.dtype)
+    V = G_inv.to(dtype) @ grad.to(dtype) @ A_inv.to(dtype)
+    return precision.to_finite(V, grad.dtype)

@@ -31,6 +31,7 @@ from .hyperparams import Scheduled, is_due, resolve
 from .kfac_layer import COMPUTE_METHODS, EIGEN, KFACLayer
 from .layers import Conv2dHandler, Conv2dSpatialMeanHandler, handler_for
 from .linalg import eigen_reciprocal
+from .precision import check_dtypes, factor_storage_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +105,9 @@ class KFACPreconditioner:
             raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
         if bucket_cap_mb <= 0:
             raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
-        for label, dtype in (("factor_dtype", factor_dtype), ("inv_dtype", inv_dtype)):
-            if not dtype.is_floating_point:
-                raise ValueError(f"{label} must be a floating dtype, got {dtype}")
+        comm_dtype = check_dtypes(
+            factor_dtype, inv_dtype, comm_dtype, compute_method, factored_damping
+        )
         if isinstance(skip_layers, str):
             skip_layers = (skip_layers,)
 
@@ -158,7 +159,7 @@ class KFACPreconditioner:
                 [(n, (layer.shape.a, layer.shape.g)) for n, layer in reversed(self.layers.items())],
                 bucket_cap_bytes=int(bucket_cap_mb * 2**20),
                 symmetry_aware=symmetry_aware,
-                comm_dtype=comm_dtype or factor_dtype,
+                comm_dtype=comm_dtype,
             )
 
         self.steps = 0
@@ -214,7 +215,8 @@ class KFACPreconditioner:
                 continue
             if not module.weight.requires_grad:
                 continue
-            self.batchnorm_layers[name] = UnitWiseBatchNorm(name, module, dtype)
+            storage = factor_storage_dtype(dtype)  # float32 for 16-bit factor dtypes
+            self.batchnorm_layers[name] = UnitWiseBatchNorm(name, module, storage)
             self._bn_by_module[module] = self.batchnorm_layers[name]
             self._hook_handles.append(module.register_forward_hook(self._batchnorm_forward_hook))
 
@@ -480,8 +482,8 @@ class KFACPreconditioner:
             (Q_A, d_A), (Q_G, d_G) = eig["A"], eig["G"]
             layer.A.eigvecs = Q_A.to(layer.inv_dtype).contiguous()
             layer.G.eigvecs = Q_G.to(layer.inv_dtype).contiguous()
-            layer.recip = eigen_reciprocal(d_G, d_A, damping, self.factored_damping).to(
-                layer.inv_dtype
+            layer.recip = layer.to_inv_dtype(
+                eigen_reciprocal(d_G, d_A, damping, self.factored_damping)
             )
 
         return finish

@@ -13,10 +13,8 @@ from torch import nn
 
 from kfac_train.config import KFACConfig, StrategyConfig
 from kfac_train.errors import UserError
+from kfac_train.kfac.precision import DTYPES, dtype_problem
 from kfac_train.schedules.kfac_hparams import kfac_hyperparameter_schedules
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}
 
 
 class Preconditioner(Protocol):
@@ -55,9 +53,19 @@ class NoPreconditioner:
         return {}
 
 
-def dtype_of(name: str, key: str) -> torch.dtype:
+def dtype_of(name: str, key: str, kfac: KFACConfig | None = None) -> torch.dtype:
+    """The torch dtype named by option `key`; unknown or unsafe choices (the library's dtype
+    policy, kfac_train/kfac/precision.py) stop with one line naming the safe choice."""
     if name not in DTYPES:
         raise UserError(f"{key}={name!r}: choose one of {', '.join(DTYPES)}")
+    context = (
+        {}
+        if kfac is None
+        else {"compute_method": kfac.compute_method, "factored_damping": kfac.factored_damping}
+    )
+    problem = dtype_problem(key.rsplit(".", 1)[-1], DTYPES[name], **context)
+    if problem is not None:
+        raise UserError(f"{key}={name}: {problem}")
     return DTYPES[name]
 
 
@@ -113,7 +121,7 @@ def build_preconditioner(
         accumulation_steps=accumulation_steps,
         grad_scaler=grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None,
         factor_dtype=dtype_of(kfac.factor_dtype, "kfac.factor_dtype"),
-        inv_dtype=dtype_of(kfac.inv_dtype, "kfac.inv_dtype"),
+        inv_dtype=dtype_of(kfac.inv_dtype, "kfac.inv_dtype", kfac),
         skip_layers=tuple(kfac.skip_layers),
         grad_scaling=kfac.grad_scaling,
         grad_worker_fraction=fraction,

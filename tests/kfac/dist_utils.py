@@ -41,6 +41,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+#: Environment overrides for running the same tests on a GPU machine (scripts/gpu_check.sh):
+#: ``KFAC_TEST_BACKEND`` (``gloo``, or ``nccl``: one GPU per rank) and ``KFAC_TEST_DEVICE``.
+BACKEND_ENV = "KFAC_TEST_BACKEND"
+DEVICE_ENV = "KFAC_TEST_DEVICE"
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_STARTUP_TIMEOUT_S = 120.0
 _POLL_INTERVAL_S = 0.05
@@ -59,6 +63,20 @@ class DistributedRankError(RuntimeError):
 
 class DistributedTimeoutError(TimeoutError):
     """Some ranks were still running when the startup or run timeout expired."""
+
+
+def chosen_backend() -> str:
+    """The process-group backend of the spawned ranks: ``$KFAC_TEST_BACKEND`` or ``gloo``."""
+    return os.environ.get(BACKEND_ENV, "gloo")
+
+
+def chosen_device() -> torch.device:
+    """The device tests put models and data on: ``$KFAC_TEST_DEVICE`` or ``cpu``. In a spawned
+    rank, ``cuda`` means that rank's GPU (``rank % device_count``)."""
+    name = os.environ.get(DEVICE_ENV, "cpu")
+    if name == "cuda" and dist.is_initialized():
+        return torch.device("cuda", dist.get_rank() % torch.cuda.device_count())
+    return torch.device(name)
 
 
 def _path(run_dir: Path, rank: int, suffix: str) -> Path:
@@ -84,8 +102,11 @@ def _worker_main(
         torch.set_num_threads(1)
         try:
             store = dist.FileStore(str(directory / "rendezvous"), world_size)
+            backend = chosen_backend()
+            if backend == "nccl":
+                torch.cuda.set_device(rank % torch.cuda.device_count())
             dist.init_process_group(
-                "gloo",
+                backend,
                 store=store,
                 rank=rank,
                 world_size=world_size,

@@ -62,12 +62,12 @@ def _squared_error_backward(inputs: torch.Tensor, target: torch.Tensor, scale: f
     return run_backward
 
 
-def _single_layer_problem(case: str, seed: int = 0):
+def _single_layer_problem(case: str, seed: int = 0, device: torch.device | str = "cpu"):
     """(model, inputs, target) for the case's layer followed by tanh, all in float64."""
     builder, input_shape = LAYER_CASES[case]
     torch.manual_seed(seed)
-    model = nn.Sequential(builder(), nn.Tanh()).double()
-    inputs = torch.randn(input_shape, dtype=torch.float64)
+    model = nn.Sequential(builder(), nn.Tanh()).double().to(device)
+    inputs = torch.randn(input_shape, dtype=torch.float64).to(device)
     with torch.no_grad():
         target = torch.randn_like(model(inputs))
     return model, inputs, target
@@ -87,8 +87,10 @@ def _dense_reference(method: str, model: nn.Sequential, run_backward):
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("case", sorted(LAYER_CASES))
-def test_one_step_matches_the_dense_kronecker_reference(case: str, method: str) -> None:
-    model, inputs, target = _single_layer_problem(case)
+def test_one_step_matches_the_dense_kronecker_reference(
+    case: str, method: str, device: torch.device
+) -> None:
+    model, inputs, target = _single_layer_problem(case, device=device)
     run_backward = _squared_error_backward(inputs, target)
     damping, expected = _dense_reference(method, model, run_backward)
 
@@ -104,8 +106,10 @@ def test_one_step_matches_the_dense_kronecker_reference(case: str, method: str) 
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_default_float32_factors_match_the_reference_to_float32_accuracy(method: str) -> None:
-    model, inputs, target = _single_layer_problem("conv-pad-stride-dilation-2x3")
+def test_default_float32_factors_match_the_reference_to_float32_accuracy(
+    method: str, device: torch.device
+) -> None:
+    model, inputs, target = _single_layer_problem("conv-pad-stride-dilation-2x3", device=device)
     damping, expected = _dense_reference(method, model, _squared_error_backward(inputs, target))
 
     model = model.float()

@@ -58,7 +58,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kfac_train.kfac import KFACPreconditioner, LayerShape, plan_work
 
-from .dist_utils import run_distributed
+from .dist_utils import chosen_device, run_distributed
 
 NUM_STEPS = 4
 LOCAL_BATCH = 32
@@ -240,7 +240,7 @@ def _make_batches(world_size: int, seed: int = 1) -> Batches:
 
 
 def _flat(tensors: Iterator[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1).clone() for t in tensors])
+    return torch.cat([t.detach().reshape(-1).cpu() for t in tensors])
 
 
 def _layer_slices() -> dict[str, slice]:
@@ -271,8 +271,8 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def _train_ddp_run(run: Run, batches: Batches) -> dict[str, Any]:
-    rank = dist.get_rank()
-    model = _tiny_cnn(run.dtype)
+    rank, device = dist.get_rank(), chosen_device()  # KFAC_TEST_DEVICE (gpu_check.sh)
+    model = _tiny_cnn(run.dtype).to(device)
     ddp_model = DistributedDataParallel(model)
     pre = KFACPreconditioner(
         ddp_model,
@@ -285,8 +285,8 @@ def _train_ddp_run(run: Run, batches: Batches) -> dict[str, Any]:
     record: dict[str, Any] = {"updates": [], "params": [], "step_bytes": []}
     for step in range(NUM_STEPS):
         optimizer.zero_grad()
-        x = batches.x[step, rank].to(run.dtype)
-        y = batches.y[step, rank].to(run.dtype)
+        x = batches.x[step, rank].to(device, run.dtype)
+        y = batches.y[step, rank].to(device, run.dtype)
         F.mse_loss(ddp_model(x), y).backward()
         pre.step()
         record["updates"].append(_update(model))
@@ -301,8 +301,8 @@ def _train_ddp_run(run: Run, batches: Batches) -> dict[str, Any]:
 
 def _train_save_and_continue(kwargs: dict[str, Any], batches: Batches) -> dict[str, Any]:
     """Train, checkpoint with the collective `state_dict()` on every rank, keep training."""
-    rank = dist.get_rank()
-    model = _tiny_cnn(torch.float64)
+    rank, device = dist.get_rank(), chosen_device()
+    model = _tiny_cnn(torch.float64).to(device)
     ddp_model = DistributedDataParallel(model)
     pre = KFACPreconditioner(ddp_model, **kwargs)
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9)
@@ -321,7 +321,8 @@ def _train_save_and_continue(kwargs: dict[str, Any], batches: Batches) -> dict[s
                 )
         optimizer.zero_grad()
         F.mse_loss(
-            ddp_model(batches.x[step, rank].double()), batches.y[step, rank].double()
+            ddp_model(batches.x[step, rank].to(device, torch.float64)),
+            batches.y[step, rank].to(device, torch.float64),
         ).backward()
         pre.step()
         if step >= CHECKPOINT_STEP:
