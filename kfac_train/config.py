@@ -178,11 +178,13 @@ class StrategyConfig:
     """KAISA's memory/communication trade-off (distributed K-FAC runs).
 
     `grad_worker_fraction`: a float in (0, 1] or "comm-opt" (1), "hybrid-opt" (1/2),
-    "mem-opt" (1/world size). `comm_dtype`: None = the factor dtype.
+    "mem-opt" (1/world size) or "auto" (strategy=auto: the least-traffic fraction whose K-FAC
+    state fits `memory_budget_mb` MiB per rank). `comm_dtype`: None = the factor dtype.
     """
 
     name: str = "comm_opt"
     grad_worker_fraction: Union[float, str] = "comm-opt"
+    memory_budget_mb: Optional[float] = None
     bucket_cap_mb: float = 25.0
     symmetry_aware: bool = False
     comm_dtype: Optional[str] = None
