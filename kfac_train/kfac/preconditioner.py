@@ -259,6 +259,10 @@ class KFACPreconditioner:
     def _batchnorm_forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output) -> None:
         if not (self._collecting and module.training and torch.is_grad_enabled()):
             return
+        self._collect_batchnorm(module, inputs, output)
+
+    @torch.compiler.disable
+    def _collect_batchnorm(self, module: nn.Module, inputs: tuple[Any, ...], output) -> None:
         if not (isinstance(output, torch.Tensor) and output.requires_grad):
             return
         layer = self._bn_by_module[module]
@@ -290,9 +294,15 @@ class KFACPreconditioner:
 
     def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if not (self._collecting and module.training and torch.is_grad_enabled()):
-            return
+            return  # traced by torch.compile: non-collecting steps run without graph breaks
+        self._collect_forward(module, inputs[0], output)
+
+    @torch.compiler.disable
+    def _collect_forward(self, module: nn.Module, x: torch.Tensor, output: Any) -> None:
+        """Factor-update steps: ``A``'s statistic now, ``G``'s from a hook on the output's
+        gradient. Kept out of compiled graphs (one graph break per layer on these steps only):
+        it mutates Python state, which graphs cannot."""
         layer = self._by_module[module]
-        x = inputs[0]
         with torch.no_grad(), _no_autocast(x.device):
             layer.accumulate_input(x.detach())
         if isinstance(output, torch.Tensor) and output.requires_grad:
