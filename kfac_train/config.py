@@ -238,6 +238,8 @@ class TrainerConfig:
         compile: wrap the model in torch.compile.
         cpu_threads: torch intra-op threads (None = torch's default; 1 is fastest for small
             models on a busy machine).
+        parallelism: ddp (replicated model, DistributedDataParallel) or fsdp (FSDP2
+            `fully_shard` per block and the root; K-FAC gathers each layer's gradient).
     """
 
     max_steps: Optional[int] = None
@@ -254,6 +256,7 @@ class TrainerConfig:
     channels_last: bool = False
     compile: bool = False
     cpu_threads: Optional[int] = None
+    parallelism: str = "ddp"
 
 
 @dataclass
