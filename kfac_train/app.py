@@ -27,6 +27,7 @@ from kfac_train.engine.loop import Components, Trainer
 from kfac_train.engine.outputs import RunOutputs
 from kfac_train.engine.precision import autocast_factory, make_grad_scaler
 from kfac_train.engine.signals import requeue_after_stop
+from kfac_train.engine.sharding import shard_model
 from kfac_train.errors import UserError
 from kfac_train.optim.first_order import build_optimizer
 from kfac_train.optim.preconditioner import build_preconditioner
@@ -71,12 +72,17 @@ def total_training_steps(config: RunConfig, steps_per_epoch: int) -> int:
 
 
 def prepare_model(module: nn.Module, config: RunConfig, dist_info: DistInfo) -> nn.Module:
-    """Move to the device (channels-last if asked) and wrap in DDP for several ranks."""
+    """Move to the device (channels-last if asked); wrap in DDP, or shard with FSDP2
+    (`trainer.parallelism=fsdp`), for several ranks."""
     module.to(dist_info.device)
     if config.trainer.channels_last:
         module.to(memory_format=torch.channels_last)
     model: nn.Module = module
-    if dist_info.is_distributed:
+    if config.trainer.parallelism not in ("ddp", "fsdp"):
+        raise UserError(f"trainer.parallelism={config.trainer.parallelism}: choose ddp or fsdp")
+    if dist_info.is_distributed and config.trainer.parallelism == "fsdp":
+        model = shard_model(module)  # the same module, now FSDP2-sharded (engine/sharding.py)
+    elif dist_info.is_distributed:
         device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
     return model

@@ -178,11 +178,13 @@ class StrategyConfig:
     """KAISA's memory/communication trade-off (distributed K-FAC runs).
 
     `grad_worker_fraction`: a float in (0, 1] or "comm-opt" (1), "hybrid-opt" (1/2),
-    "mem-opt" (1/world size). `comm_dtype`: None = the factor dtype.
+    "mem-opt" (1/world size) or "auto" (strategy=auto: the least-traffic fraction whose K-FAC
+    state fits `memory_budget_mb` MiB per rank). `comm_dtype`: None = the factor dtype.
     """
 
     name: str = "comm_opt"
     grad_worker_fraction: Union[float, str] = "comm-opt"
+    memory_budget_mb: Optional[float] = None
     bucket_cap_mb: float = 25.0
     symmetry_aware: bool = False
     comm_dtype: Optional[str] = None
@@ -236,6 +238,8 @@ class TrainerConfig:
         compile: wrap the model in torch.compile.
         cpu_threads: torch intra-op threads (None = torch's default; 1 is fastest for small
             models on a busy machine).
+        parallelism: ddp (replicated model, DistributedDataParallel) or fsdp (FSDP2
+            `fully_shard` per block and the root; K-FAC gathers each layer's gradient).
     """
 
     max_steps: Optional[int] = None
@@ -252,6 +256,7 @@ class TrainerConfig:
     channels_last: bool = False
     compile: bool = False
     cpu_threads: Optional[int] = None
+    parallelism: str = "ddp"
 
 
 @dataclass

@@ -39,6 +39,7 @@ from kfac_train.distributed import (
     barrier,
     broadcast_buffers,
 )
+from kfac_train.engine import sharding
 from kfac_train.engine.batching import BatchPlan
 from kfac_train.engine.checkpoint import (
     capture_rng,
@@ -135,8 +136,8 @@ class Trainer:
         """Restore model, optimizer, preconditioner, scaler, schedule, RNG and data position."""
         state = load_checkpoint(path)
         try:
-            self.p.module.load_state_dict(state["model"])
-            self.p.optimizer.load_state_dict(state["optimizer"])
+            sharding.load_model_state(self.p.module, state["model"])  # FSDP: shards a full dict
+            sharding.load_optimizer_state(self.p.module, self.p.optimizer, state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:
             first = str(error).splitlines()[0]
             raise UserError(f"checkpoint {path} does not fit this model/optimizer: {first}") from (
@@ -373,6 +374,7 @@ class Trainer:
         p = self.p
         assert p.data.eval is not None
         broadcast_buffers(p.module)
+        sharding.unshard_for_eval(p.module)  # FSDP: ranks may run different numbers of batches
         p.module.eval()
         evaluator = p.task.evaluator()
         for batch in p.data.eval:
@@ -380,6 +382,7 @@ class Trainer:
             with p.autocast():
                 evaluator.update(p.module, batch)
         metrics = evaluator.compute()
+        sharding.reshard_after_eval(p.module)
         p.module.train()
         return metrics
 
@@ -438,12 +441,14 @@ class Trainer:
         """Collective: every rank contributes its RNG state and K-FAC state; rank 0 writes."""
         p = self.p
         preconditioner_state = p.preconditioner.state_dict()
+        model_state = sharding.model_state(p.module)  # full state dicts (collectives under FSDP)
+        optimizer_state = sharding.optimizer_state(p.module, p.optimizer)
         rng_states = all_gather_objects(capture_rng())
         path = checkpoint_path(p.checkpoint_dir, self.position.step)
         if p.dist.is_main:
             state = {
-                "model": p.module.state_dict(),
-                "optimizer": p.optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_state,
                 "preconditioner": preconditioner_state,
                 "scaler": p.scaler.state_dict(),
                 "schedule": {"step": self.position.step},
@@ -476,7 +481,7 @@ class Trainer:
         with torch.no_grad():
             fingerprint = [
                 (float(t.double().sum()), float(t.double().square().sum()))
-                for t in self.p.module.parameters()
+                for t in sharding.full_parameters(self.p.module)  # gathered under FSDP
             ]
         everyone = all_gather_objects(fingerprint)
         agree = all(other == everyone[0] for other in everyone[1:])

@@ -16,16 +16,28 @@ from .assignment import (
 from .comm import COMM_KINDS
 from .kfac_layer import LayerShape
 from .layers import LayerHandler, register_handler
+from .memory_model import (
+    Footprint,
+    MemoryBudgetError,
+    candidate_fractions,
+    choose_grad_worker_fraction,
+    predict_footprint,
+)
 from .preconditioner import KFACPreconditioner
 
 __all__ = [
     "COMM_KINDS",
+    "Footprint",
+    "MemoryBudgetError",
     "KFACPreconditioner",
     "LayerHandler",
     "LayerPlacement",
     "LayerShape",
     "WorkPlan",
+    "candidate_fractions",
+    "choose_grad_worker_fraction",
     "plan_work",
+    "predict_footprint",
     "register_handler",
     "resolve_grad_worker_fraction",
 ]

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import sharded
+
 
 def normalised_input(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """``x̂`` of a training-mode forward: ``x`` normalised with its own batch statistics."""
@@ -79,7 +81,7 @@ class UnitWiseBatchNorm:
         self.inverse = torch.where(finite, inverse, identity).to(self.dtype)
 
     def grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        weight, bias = self.module.weight.grad, self.module.bias.grad
+        weight, bias = sharded.full_grad(self.module.weight), sharded.full_grad(self.module.bias)
         if weight is None or bias is None:
             return None
         return weight, bias
@@ -92,8 +94,8 @@ class UnitWiseBatchNorm:
         return i_gg * d_gamma + i_gb * d_beta, i_gb * d_gamma + i_bb * d_beta
 
     def write(self, v_gamma: torch.Tensor, v_beta: torch.Tensor) -> None:
-        self.module.weight.grad.copy_(v_gamma)
-        self.module.bias.grad.copy_(v_beta)
+        sharded.write_grad(self.module.weight, v_gamma)
+        sharded.write_grad(self.module.bias, v_beta)
 
     def factor_bytes(self) -> int:
         return self.running.numel() * self.running.element_size()

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import sharded
+
 logger = logging.getLogger(__name__)
 
 
@@ -47,13 +49,13 @@ def grad_matrix(module: nn.Module) -> torch.Tensor | None:
     Conv weights ``(out, C_in, kh, kw)`` flatten to ``(out, C_in·kh·kw)``, matching the column
     order of :func:`torch.nn.functional.unfold`.
     """
-    weight_grad = module.weight.grad
+    weight_grad = sharded.full_grad(module.weight)  # FSDP2 shards: gathered
     if weight_grad is None:
         return None
     grad = weight_grad.reshape(weight_grad.shape[0], -1)
     bias = getattr(module, "bias", None)
     if bias is not None and bias.grad is not None:
-        grad = torch.cat([grad, bias.grad.reshape(-1, 1)], dim=1)
+        grad = torch.cat([grad, sharded.full_grad(bias).reshape(-1, 1)], dim=1)
     elif bias is not None:
         grad = torch.cat([grad, torch.zeros_like(grad[:, :1])], dim=1)
     return grad
@@ -63,10 +65,10 @@ def write_grad_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
     """Write a ``(g, a)`` matrix back into ``weight.grad`` (and ``bias.grad``) in place."""
     weight = module.weight
     bias = getattr(module, "bias", None)
-    n_weight_cols = weight.grad.numel() // weight.grad.shape[0]
-    weight.grad.copy_(matrix[:, :n_weight_cols].reshape(weight.grad.shape))
+    n_weight_cols = weight.grad.numel() // weight.grad.shape[0]  # global shape under FSDP2
+    sharded.write_grad(weight, matrix[:, :n_weight_cols])  # FSDP2: this rank's shard
     if bias is not None and bias.grad is not None:
-        bias.grad.copy_(matrix[:, n_weight_cols].reshape(bias.grad.shape))
+        sharded.write_grad(bias, matrix[:, n_weight_cols])
 
 
 class LinearHandler:

@@ -32,6 +32,7 @@ from .kfac_layer import COMPUTE_METHODS, EIGEN, KFACLayer
 from .layers import Conv2dHandler, Conv2dSpatialMeanHandler, handler_for
 from .linalg import eigen_reciprocal
 from .precision import check_dtypes, factor_storage_dtype
+from .memory_model import choose_grad_worker_fraction, format_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class KFACPreconditioner:
         batchnorm: str = "skip",
         conv_factor: str = "patches",
         grad_worker_fraction: float | str = 1.0,
+        memory_budget_bytes: int | None = None,
         bucket_cap_mb: float = 25.0,
         symmetry_aware: bool = False,
         comm_dtype: torch.dtype | None = None,
@@ -141,6 +143,17 @@ class KFACPreconditioner:
             )
 
         self.comm = make_communicator(process_group)
+        if isinstance(grad_worker_fraction, str) and grad_worker_fraction.lower() == "auto":
+            grad_worker_fraction = self._auto_fraction(
+                memory_budget_bytes,
+                compute_method=compute_method,
+                factor_dtype=factor_dtype,
+                inv_dtype=inv_dtype,
+                comm_dtype=comm_dtype,
+                symmetry_aware=symmetry_aware,
+                colocate_factors=colocate_factors,
+                assignment_cost=assignment_cost,
+            )
         self.grad_worker_fraction = resolve_grad_worker_fraction(
             grad_worker_fraction, self.comm.world_size
         )
@@ -171,6 +184,31 @@ class KFACPreconditioner:
         device = next(iter(self.layers.values())).A.running.device if self.layers else None
         self._dropped = torch.zeros((), dtype=torch.int64, device=device)
         self.last_kl_scale = torch.ones((), device=device)
+
+    def _auto_fraction(self, memory_budget_bytes: int | None, **options: Any) -> float:
+        """``grad_worker_fraction="auto"``: the least-traffic fraction within the budget
+        (:func:`memory_model.choose_grad_worker_fraction`); logs the candidates."""
+        if memory_budget_bytes is None or memory_budget_bytes <= 0:
+            raise ValueError(
+                'grad_worker_fraction="auto" needs memory_budget_bytes > 0 (K-FAC state per rank)'
+            )
+        intervals = {
+            "factor_update_steps": int(resolve(self.factor_update_steps, 0)),
+            "inv_update_steps": int(resolve(self.inv_update_steps, 0)),
+        }
+        layers = list(self.layers.values())
+        chosen, candidates = choose_grad_worker_fraction(
+            [layer.shape for layer in layers],
+            self.comm.world_size,
+            memory_budget_bytes,
+            grad_dtype=layers[0].module.weight.dtype if layers else torch.float32,
+            batchnorm_channels=[bn.module.num_features for bn in self.batchnorm_layers.values()],
+            **intervals,
+            **options,
+        )
+        if self.comm.rank == 0:
+            logger.info(format_candidates(candidates, chosen, memory_budget_bytes, **intervals))
+        return chosen.fraction
 
     # ------------------------------------------------------------------ registration
     def _register(
@@ -223,6 +261,10 @@ class KFACPreconditioner:
     def _batchnorm_forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output) -> None:
         if not (self._collecting and module.training and torch.is_grad_enabled()):
             return
+        self._collect_batchnorm(module, inputs, output)
+
+    @torch.compiler.disable
+    def _collect_batchnorm(self, module: nn.Module, inputs: tuple[Any, ...], output) -> None:
         if not (isinstance(output, torch.Tensor) and output.requires_grad):
             return
         layer = self._bn_by_module[module]
@@ -254,9 +296,15 @@ class KFACPreconditioner:
 
     def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if not (self._collecting and module.training and torch.is_grad_enabled()):
-            return
+            return  # traced by torch.compile: non-collecting steps run without graph breaks
+        self._collect_forward(module, inputs[0], output)
+
+    @torch.compiler.disable
+    def _collect_forward(self, module: nn.Module, x: torch.Tensor, output: Any) -> None:
+        """Factor-update steps: ``A``'s statistic now, ``G``'s from a hook on the output's
+        gradient. Kept out of compiled graphs (one graph break per layer on these steps only):
+        it mutates Python state, which graphs cannot."""
         layer = self._by_module[module]
-        x = inputs[0]
         with torch.no_grad(), _no_autocast(x.device):
             layer.accumulate_input(x.detach())
         if isinstance(output, torch.Tensor) and output.requires_grad:

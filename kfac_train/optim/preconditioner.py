@@ -86,7 +86,7 @@ def build_preconditioner(
         return NoPreconditioner()
     if kind != "kfac":
         raise UserError(f"optim.preconditioner={kind!r}: choose none or kfac")
-    from kfac_train.kfac import KFACPreconditioner
+    from kfac_train.kfac import KFACPreconditioner, MemoryBudgetError
 
     if kfac.compute_method not in ("eigen", "inverse"):
         raise UserError(f"kfac.compute_method={kfac.compute_method!r}: choose eigen or inverse")
@@ -97,40 +97,67 @@ def build_preconditioner(
     if kfac.grad_scaling not in ("mean", "per_example"):
         raise UserError(f"kfac.grad_scaling={kfac.grad_scaling!r}: choose mean or per_example")
     fraction = strategy.grad_worker_fraction
-    if isinstance(fraction, str) and fraction not in ("comm-opt", "hybrid-opt", "mem-opt"):
+    budget = _memory_budget_bytes(strategy)
+    if isinstance(fraction, str) and fraction not in ("comm-opt", "hybrid-opt", "mem-opt", "auto"):
         try:
             fraction = float(fraction)
         except ValueError:
             raise UserError(
                 f"strategy.grad_worker_fraction={fraction!r}: give a number in (0, 1] or "
-                "comm-opt, hybrid-opt, mem-opt"
+                "comm-opt, hybrid-opt, mem-opt, auto"
             ) from None
     hyper = kfac_hyperparameter_schedules(kfac, schedule_unit, steps_per_epoch)
-    return KFACPreconditioner(
-        model,
-        factor_update_steps=hyper["factor_update_steps"],
-        inv_update_steps=hyper["inv_update_steps"],
-        damping=hyper["damping"],
-        factor_decay=kfac.factor_decay,
-        kl_clip=kfac.kl_clip,
-        lr=lambda step: optimizer.param_groups[0]["lr"],
-        compute_method=kfac.compute_method,
-        factored_damping=kfac.factored_damping,
-        batchnorm=kfac.batchnorm,
-        conv_factor=kfac.conv_factor,
-        accumulation_steps=accumulation_steps,
-        grad_scaler=grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None,
-        factor_dtype=dtype_of(kfac.factor_dtype, "kfac.factor_dtype"),
-        inv_dtype=dtype_of(kfac.inv_dtype, "kfac.inv_dtype", kfac),
-        skip_layers=tuple(kfac.skip_layers),
-        grad_scaling=kfac.grad_scaling,
-        grad_worker_fraction=fraction,
-        bucket_cap_mb=strategy.bucket_cap_mb,
-        symmetry_aware=strategy.symmetry_aware,
-        comm_dtype=dtype_of(strategy.comm_dtype, "strategy.comm_dtype")
-        if strategy.comm_dtype
-        else None,
-        colocate_factors=strategy.colocate_factors,
-        assignment_cost=strategy.assignment_cost,
-        overlap_comm=strategy.overlap_comm,
-    )
+    scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+    try:
+        return KFACPreconditioner(
+            model,
+            factor_update_steps=hyper["factor_update_steps"],
+            inv_update_steps=hyper["inv_update_steps"],
+            damping=hyper["damping"],
+            factor_decay=kfac.factor_decay,
+            kl_clip=kfac.kl_clip,
+            lr=lambda step: optimizer.param_groups[0]["lr"],
+            compute_method=kfac.compute_method,
+            factored_damping=kfac.factored_damping,
+            batchnorm=kfac.batchnorm,
+            conv_factor=kfac.conv_factor,
+            accumulation_steps=accumulation_steps,
+            grad_scaler=scaler,
+            factor_dtype=dtype_of(kfac.factor_dtype, "kfac.factor_dtype"),
+            inv_dtype=dtype_of(kfac.inv_dtype, "kfac.inv_dtype", kfac),
+            skip_layers=tuple(kfac.skip_layers),
+            grad_scaling=kfac.grad_scaling,
+            grad_worker_fraction=fraction,
+            memory_budget_bytes=budget,
+            bucket_cap_mb=strategy.bucket_cap_mb,
+            symmetry_aware=strategy.symmetry_aware,
+            comm_dtype=dtype_of(strategy.comm_dtype, "strategy.comm_dtype")
+            if strategy.comm_dtype
+            else None,
+            colocate_factors=strategy.colocate_factors,
+            assignment_cost=strategy.assignment_cost,
+            overlap_comm=strategy.overlap_comm,
+        )
+    except MemoryBudgetError as error:
+        raise UserError(
+            f"strategy.memory_budget_mb={strategy.memory_budget_mb}: too small; K-FAC needs at "
+            f"least {error.smallest_feasible_bytes / 2**20:.3f} MiB per rank for this model on "
+            f"{error.world_size} rank(s): raise strategy.memory_budget_mb"
+        ) from None
+
+
+def _memory_budget_bytes(strategy: StrategyConfig) -> int | None:
+    """`strategy.memory_budget_mb` in bytes; required (and only allowed) with fraction auto."""
+    auto = strategy.grad_worker_fraction == "auto"
+    budget = strategy.memory_budget_mb
+    if auto and (budget is None or budget <= 0):
+        raise UserError(
+            f"strategy.memory_budget_mb={budget}: strategy=auto needs the K-FAC memory budget per "
+            "rank in MiB, e.g. strategy.memory_budget_mb=512"
+        )
+    if not auto and budget is not None:
+        raise UserError(
+            f"strategy.memory_budget_mb={budget} is only used by strategy=auto (the strategy "
+            f"has grad_worker_fraction={strategy.grad_worker_fraction}): use strategy=auto"
+        )
+    return int(budget * 2**20) if auto else None
