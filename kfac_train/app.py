@@ -26,8 +26,8 @@ from kfac_train.engine.checkpoint import resolve_resume
 from kfac_train.engine.loop import Components, Trainer
 from kfac_train.engine.outputs import RunOutputs
 from kfac_train.engine.precision import autocast_factory, make_grad_scaler
-from kfac_train.engine.signals import requeue_after_stop
 from kfac_train.engine.sharding import shard_model
+from kfac_train.engine.signals import requeue_after_stop
 from kfac_train.errors import UserError
 from kfac_train.optim.first_order import build_optimizer
 from kfac_train.optim.preconditioner import build_preconditioner

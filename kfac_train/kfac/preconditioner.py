@@ -31,8 +31,8 @@ from .hyperparams import Scheduled, is_due, resolve
 from .kfac_layer import COMPUTE_METHODS, EIGEN, KFACLayer
 from .layers import Conv2dHandler, Conv2dSpatialMeanHandler, handler_for
 from .linalg import eigen_reciprocal
-from .precision import check_dtypes, factor_storage_dtype
 from .memory_model import choose_grad_worker_fraction, format_candidates
+from .precision import check_dtypes, factor_storage_dtype
 
 logger = logging.getLogger(__name__)
 
