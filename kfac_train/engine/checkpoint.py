@@ -16,20 +16,24 @@ tensors and plain Python values (no pickled objects), so it loads with
 
 (Checkpoints of format 1, without `meta`, still load: their step comes from `position`.)
 
-Identity comes from the contents, never from the file name: any file can be resumed.
+A checkpoint's identity (step, lineage) comes from its contents, never from its file name: any
+file can be resumed.
 
 Lineages. Every checkpoint records the lineage (a random id) of the run that wrote it. A fresh
 run starts a new lineage; resuming the newest checkpoint of a lineage continues it; resuming an
 older one (a rollback, e.g. step 240 while step 260 of the same lineage is in the directory)
 starts a new lineage whose parent is the checkpoint resumed. Pruning (`checkpoint.keep_last`)
 only ever deletes older checkpoints of the run's own lineage, so rollbacks and fresh starts in
-a used directory never delete anything they did not write. When a file name is taken by
-another lineage's checkpoint, the new one is written as ``step_<n>-<lineage>.pt``.
+a used directory never delete anything they did not write. The first lineage of a directory
+writes ``step_<n>.pt``, later ones ``step_<n>-<lineage>.pt`` (so an unreadable file's lineage
+is known from its name).
 
 ``checkpoint.resume=auto`` continues the lineage written last: the newest checkpoint (by the
 write time stored in it) decides the lineage; its checkpoints are tried newest step first, then
 those of its parent lineage up to the step it branched from. Each candidate is loaded in full
-(``weights_only=True``); an unreadable one (truncated, corrupt) is skipped with a warning.
+(``weights_only=True``); an unreadable one (truncated, corrupt) is skipped with a warning. Auto
+refuses (one line) when nothing is readable, or when an unreadable file newer than the choice
+belongs to a lineage outside that chain (it would continue an abandoned run).
 """
 
 from __future__ import annotations
@@ -210,11 +214,13 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
 def read_info(path: Path) -> CheckpointInfo | None:
     """The `CheckpointInfo` of `path` (tensors memory-mapped, not read); None if unreadable."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return parse_checkpoint(state, path).info
-    except Exception:
-        return None
+    for mmap in (True, False):  # a plain read where the file system cannot map files
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return parse_checkpoint(state, path).info
+        except Exception:
+            continue
+    return None
 
 
 def model_mismatch(
