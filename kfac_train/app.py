@@ -22,7 +22,6 @@ from torch import nn
 from kfac_train.config import RunConfig, launch_run_id, register_configs, to_run_config
 from kfac_train.distributed import DistInfo, broadcast_object, init_distributed, teardown
 from kfac_train.engine.batching import plan_batches
-from kfac_train.engine.checkpoint import resolve_resume
 from kfac_train.engine.loop import Components, Trainer
 from kfac_train.engine.outputs import RunOutputs
 from kfac_train.engine.precision import autocast_factory, make_grad_scaler
@@ -184,9 +183,7 @@ def _train(config: RunConfig, cfg: DictConfig | RunConfig, dist_info: DistInfo) 
     # Per-rank random streams (dropout, augmentation) from here on; weights were initialised
     # identically on every rank above.
     seed_everything(config.seed + dist_info.rank)
-    resume = resolve_resume(config.checkpoint.resume, checkpoint_dir)
-    if resume is not None:
-        trainer.resume_from(resume)
+    trainer.resume(config.checkpoint.resume)
     for logger in loggers:
         logger.message(
             f"run {run_dir}: model={config.model.name} data={config.data.name} "

@@ -239,6 +239,18 @@ def check_imagenet_root(root: str | Path | None) -> tuple[Path, Path]:
     return root_path / "train", root_path / "val"
 
 
+def _image_folder(split_dir: Path, transform: Any, **options: bool) -> CheckedImageFolder:
+    """`CheckedImageFolder` over `split_dir`; a one-line `UserError` if it holds no images."""
+    try:
+        return CheckedImageFolder(split_dir, transform, **options)
+    except FileNotFoundError as error:  # torchvision: no class folder, or no image file in them
+        raise UserError(
+            f"ImageNet folder {str(split_dir)!r} holds no images in <wnid>/ class folders: set "
+            "data.root to a folder with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG "
+            "(see scripts/prepare_imagenet.py)"
+        ) from error
+
+
 def build_imagenet_datasets(
     root: str | Path | None,
     *,
@@ -249,15 +261,13 @@ def build_imagenet_datasets(
 ) -> tuple[CheckedImageFolder, CheckedImageFolder]:
     """Train and validation datasets over ``root/train`` and ``root/val`` (same classes)."""
     train_dir, val_dir = check_imagenet_root(root)
-    train = CheckedImageFolder(
+    train = _image_folder(
         train_dir,
         train_transform(image_size, min_crop_area),
         skip_corrupt=skip_corrupt,
         substitute=True,
     )
-    val = CheckedImageFolder(
-        val_dir, eval_transform(image_size, eval_resize), skip_corrupt=skip_corrupt
-    )
+    val = _image_folder(val_dir, eval_transform(image_size, eval_resize), skip_corrupt=skip_corrupt)
     if train.classes != val.classes:
         differing = sorted(set(train.classes) ^ set(val.classes))[:3]
         raise UserError(

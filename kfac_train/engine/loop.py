@@ -35,19 +35,25 @@ from kfac_train.data.base import DataBundle
 from kfac_train.distributed import (
     DistInfo,
     all_gather_objects,
+    all_reduce_max,
     all_reduce_sum,
-    barrier,
     broadcast_buffers,
+    broadcast_object,
 )
 from kfac_train.engine import sharding
 from kfac_train.engine.batching import BatchPlan
 from kfac_train.engine.checkpoint import (
+    Checkpoint,
+    CheckpointDirectory,
+    Position,
+    all_finite,
+    build_checkpoint,
     capture_rng,
-    checkpoint_path,
     load_checkpoint,
-    prune,
+    model_mismatch,
+    remove_stale_temporaries,
     restore_rng,
-    save_atomic,
+    state_tensors,
 )
 from kfac_train.engine.outputs import RunOutputs
 from kfac_train.engine.signals import (
@@ -65,22 +71,6 @@ from kfac_train.schedules.controller import ScheduleController
 from kfac_train.tasks.base import Task
 
 log = logging.getLogger("kfac_train")
-
-
-@dataclass
-class Position:
-    """Where training stands; saved in checkpoints.
-
-    `batches` counts micro-batches consumed in the current `epoch` on each rank.
-    `elapsed` is the training wall time in seconds over all sessions of this run.
-    """
-
-    step: int = 0
-    epoch: int = 0
-    batches: int = 0
-    samples: int = 0
-    elapsed: float = 0.0
-    target: dict[str, Any] | None = None
 
 
 @dataclass
@@ -130,31 +120,100 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         self.last_loss: float | None = None
         self.last_checkpoint: Path | None = None
+        self.saved_step: int | None = None  # step of `last_checkpoint` (from its contents)
+        self.checkpoints = CheckpointDirectory(
+            parts.checkpoint_dir, parts.config.checkpoint.keep_last
+        )
+        self._started = False
+        if parts.config.trainer.log_every < 1:
+            raise UserError(
+                f"trainer.log_every={parts.config.trainer.log_every} must be a positive number "
+                "of steps: e.g. trainer.log_every=10"
+            )
 
     # ----------------------------------------------------------------------------- resume
-    def resume_from(self, path: Path) -> None:
-        """Restore model, optimizer, preconditioner, scaler, schedule, RNG and data position."""
-        state = load_checkpoint(path)
-        try:
-            sharding.load_model_state(self.p.module, state["model"])  # FSDP: shards a full dict
-            sharding.load_optimizer_state(self.p.module, self.p.optimizer, state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as error:
-            first = str(error).splitlines()[0]
-            raise UserError(f"checkpoint {path} does not fit this model/optimizer: {first}") from (
-                error
+    def resume(self, setting: str | None) -> None:
+        """Prepare the checkpoint directory and resume per ``checkpoint.resume`` (None, "auto"
+        or a path); call once before `run`. Rank 0 chooses the checkpoint (`resume=auto` falls
+        back past unreadable ones), every rank loads it; rank 0 decides the lineage."""
+        p = self.p
+        self._started = True
+        checkpoint: Checkpoint | None = None
+        outcome: tuple[str, str | None] = ("ok", None)
+        if p.dist.is_main:
+            try:
+                for path in remove_stale_temporaries(p.checkpoint_dir):
+                    log.warning("removed %s, left by a checkpoint write that was killed", path)
+                checkpoint = self.checkpoints.choose_resume(setting)
+                outcome = ("ok", str(checkpoint.info.path) if checkpoint else None)
+            except UserError as error:
+                outcome = ("error", str(error))
+        kind, value = broadcast_object(outcome)
+        if kind == "error":
+            raise UserError(str(value))
+        if value is not None:
+            if checkpoint is None:  # ranks other than 0
+                checkpoint = load_checkpoint(Path(value))
+            self.resume_from(checkpoint)
+        if p.dist.is_main:
+            self._message(self.checkpoints.adopt(checkpoint.info if checkpoint else None))
+
+    def resume_from(self, checkpoint: Checkpoint | Path) -> None:
+        """Restore model, optimizer, preconditioner, scaler, RNG and data position.
+
+        An SGD checkpoint in a K-FAC run restores everything but K-FAC, whose statistics start
+        fresh (a warning says so); a K-FAC checkpoint in a run without K-FAC drops its K-FAC
+        state. Everything else that does not fit is a one-line `UserError`.
+        """
+        p = self.p
+        if isinstance(checkpoint, Path):
+            checkpoint = load_checkpoint(checkpoint)
+        info, path = checkpoint.info, checkpoint.info.path
+        problem = model_mismatch(p.module.state_dict(), checkpoint.model)  # DTensors: full shapes
+        if problem:
+            raise UserError(
+                f"checkpoint {path} does not fit model={self.cfg.model.name}: {problem}; resume "
+                "with the model settings it was written with"
             )
-        self.p.preconditioner.load_state_dict(state["preconditioner"])
-        self.p.scaler.load_state_dict(state["scaler"])
-        position = state["position"]
-        self.position = Position(
-            step=int(position["step"]),
-            epoch=int(position["epoch"]),
-            batches=int(position["batches"]),
-            samples=int(position["samples"]),
-            elapsed=float(position["elapsed"]),
-            target=position.get("target"),
-        )
-        rng_states = state["rng"]
+        sharding.load_model_state(p.module, checkpoint.model)  # FSDP: shards a full dict
+        base = self.cfg.optim.base
+        if info.optimizer is not None and info.optimizer != base:
+            raise UserError(
+                f"checkpoint {path} was written with optim.base={info.optimizer}, this run uses "
+                f"optim.base={base}: resume with optim.base={info.optimizer}"
+            )
+        try:
+            sharding.load_optimizer_state(p.module, p.optimizer, checkpoint.optimizer)
+        except (RuntimeError, ValueError, KeyError) as error:
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UserError(
+                f"checkpoint {path}: its optimizer state does not fit optim.base={base} ({first})"
+            ) from error
+        kind = self.cfg.optim.preconditioner
+        if info.preconditioner == kind:
+            try:
+                p.preconditioner.load_state_dict(checkpoint.preconditioner)
+            except (ValueError, KeyError) as error:
+                first = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise UserError(
+                    f"checkpoint {path}: its K-FAC state does not fit this run ({first}); "
+                    "resume with the kfac.* settings it was written with"
+                ) from error
+        elif kind == "kfac":
+            log.warning(
+                "checkpoint %s was written without K-FAC: model and optimizer restored, K-FAC "
+                "statistics start fresh",
+                path,
+            )
+        else:
+            log.warning("checkpoint %s holds K-FAC state; this run has none: it is dropped", path)
+        if p.scaler.is_enabled():
+            if checkpoint.scaler:
+                p.scaler.load_state_dict(checkpoint.scaler)
+            else:
+                log.warning("checkpoint %s has no fp16 loss scale: it starts afresh", path)
+        self.position = checkpoint.position
+        rng_states = checkpoint.rng
         if len(rng_states) != self.p.dist.world_size:
             log.warning(
                 "checkpoint %s was written by %d ranks, this run has %d: random streams differ",
@@ -162,12 +221,15 @@ class Trainer:
             )
         restore_rng(rng_states[self.p.dist.rank % len(rng_states)])
         self.last_checkpoint = path
+        self.saved_step = info.step
         if self.p.outputs is not None:
             self.p.outputs.truncate_after(self.position.step)
         self._message(f"resumed from {path} at step {self.position.step}")
 
     # ----------------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
+        if not self._started:
+            self.resume(None)
         p = self.p
         micro_per_epoch = len(p.data.train)
         status = "completed"
@@ -198,15 +260,10 @@ class Trainer:
         if status == "completed" and self._last_eval_step != self.position.step:
             self._evaluate(start)
         self.position.elapsed = time.perf_counter() - start
-        unsaved = self.last_saved_step() != self.position.step
+        unsaved = self.saved_step != self.position.step
         if status == "preempted" or (self.cfg.checkpoint.at_end and unsaved):
             self._save_checkpoint()
         return self._summary(status)
-
-    def last_saved_step(self) -> int | None:
-        if self.last_checkpoint is None:
-            return None
-        return int(self.last_checkpoint.stem.split("_")[-1])
 
     def _next_epoch(self) -> None:
         self.position.epoch += 1
@@ -438,36 +495,42 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self) -> None:
-        """Collective: every rank contributes its RNG state and K-FAC state; rank 0 writes."""
+        """Collective: every rank contributes its RNG state and K-FAC state; rank 0 writes.
+
+        Refuses (a one-line `UserError` on every rank) when a weight or optimizer state is not
+        finite, so a diverged run never writes, nor prunes good checkpoints for, a NaN one.
+        """
         p = self.p
-        preconditioner_state = p.preconditioner.state_dict()
         model_state = sharding.model_state(p.module)  # full state dicts (collectives under FSDP)
         optimizer_state = sharding.optimizer_state(p.module, p.optimizer)
+        finite = all_finite([*model_state.values(), *state_tensors(optimizer_state["state"])])
+        if all_reduce_max(0.0 if finite else 1.0) > 0:
+            raise UserError(
+                f"training diverged: non-finite weights at step {self.position.step}, no "
+                f"checkpoint written (last good one: {self.last_checkpoint or 'none'}); lower "
+                "optim.lr (or raise kfac.damping)"
+            )
+        preconditioner_state = p.preconditioner.state_dict()
         rng_states = all_gather_objects(capture_rng())
-        path = checkpoint_path(p.checkpoint_dir, self.position.step)
+        written = None
         if p.dist.is_main:
-            state = {
-                "model": model_state,
-                "optimizer": optimizer_state,
-                "preconditioner": preconditioner_state,
-                "scaler": p.scaler.state_dict(),
-                "schedule": {"step": self.position.step},
-                "position": {
-                    "step": self.position.step,
-                    "epoch": self.position.epoch,
-                    "batches": self.position.batches,
-                    "samples": self.position.samples,
-                    "elapsed": self.position.elapsed,
-                    "target": self.position.target,
-                },
-                "rng": rng_states,
-                "config": p.config_yaml,
-            }
-            save_atomic(state, path)
-            prune(p.checkpoint_dir, self.cfg.checkpoint.keep_last)
-            self._message(f"checkpoint saved: {path}")
-        barrier()
-        self.last_checkpoint = path
+            state = build_checkpoint(
+                model=model_state,
+                optimizer=optimizer_state,
+                preconditioner=preconditioner_state,
+                scaler=p.scaler.state_dict(),
+                position=self.position,
+                rng=rng_states,
+                lineage=self.checkpoints.lineage,
+                parent=self.checkpoints.parent,
+                preconditioner_kind=self.cfg.optim.preconditioner,
+                optimizer_name=self.cfg.optim.base,
+                config_yaml=p.config_yaml,
+            )
+            written = str(self.checkpoints.write(state, self.position.step))
+            self._message(f"checkpoint saved: {written}")
+        self.last_checkpoint = Path(broadcast_object(written))  # also waits for the write
+        self.saved_step = self.position.step
 
     def replicas_agree(self) -> bool:
         """Whether every rank holds bitwise the same parameters (always True for one process).

@@ -16,10 +16,7 @@ from kfac_train.distributed import expand_nodelist, launcher_env
 from kfac_train.engine.batching import plan_batches
 from kfac_train.engine.checkpoint import (
     capture_rng,
-    list_checkpoints,
     load_checkpoint,
-    prune,
-    resolve_resume,
     restore_rng,
     save_atomic,
 )
@@ -130,18 +127,6 @@ def test_a_missing_data_root_names_the_path_and_the_key(tmp_path: Path):
 
 
 # ------------------------------------------------------------------------ checkpoints
-def test_checkpoints_are_written_atomically_and_only_the_last_n_are_kept(tmp_path: Path):
-    for step in (5, 10, 15):
-        save_atomic({"step": torch.tensor(step)}, tmp_path / f"step_{step:08d}.pt")
-    prune(tmp_path, keep_last=2)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000010.pt", "step_00000015.pt"]
-    assert not list(tmp_path.glob(".*tmp"))
-    assert resolve_resume("auto", tmp_path) == tmp_path / "step_00000015.pt"
-    assert resolve_resume("auto", tmp_path / "empty") is None
-    with pytest.raises(UserError, match="does not exist"):
-        resolve_resume(str(tmp_path / "missing.pt"), tmp_path)
-
-
 def test_a_file_that_is_not_a_checkpoint_is_a_user_error(tmp_path: Path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(UserError, match="junk.pt"):
