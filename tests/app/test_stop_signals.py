@@ -78,6 +78,7 @@ def test_a_torchrun_agent_passes_sigusr1_to_its_workers_which_checkpoint_and_req
         "trainer.max_steps=2000",
         "trainer.log_every=1000",
         "checkpoint.every=5",
+        "checkpoint.resume=auto",  # what the Slurm scripts pass: requeueing needs it
         "model.batch_norm=false",
         "trainer.micro_batch=32",
     ]
