@@ -77,7 +77,7 @@ def check_task(config: RunConfig) -> None:
 
 def check_data(config: RunConfig) -> None:
     ctx = context(config)
-    ctx.task = TASKS.build(config.task.name, config.task, ctx)
+    ctx = ctx.with_task(TASKS.build(config.task.name, config.task, ctx))
     try:
         bundle = DATA.build(config.data.name, config.data, ctx)
     except UserError as error:  # data that must be on disk: one line naming what to set

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from kfac_train.config import KFACConfig, ScheduleConfig, launch_run_id
+from kfac_train.config import KFACConfig, ScheduleConfig
 from kfac_train.data.base import ResumableDistributedSampler, ShardSampler, require_dir
 from kfac_train.distributed import expand_nodelist, launcher_env
 from kfac_train.engine.batching import plan_batches
@@ -24,6 +24,7 @@ from kfac_train.engine.checkpoint import (
     save_atomic,
 )
 from kfac_train.errors import UserError
+from kfac_train.hydra_setup import launch_run_id
 from kfac_train.schedules.controller import ScheduleController
 from kfac_train.schedules.kfac_hparams import kfac_hyperparameter_schedules
 from kfac_train.schedules.lr import lr_multiplier
