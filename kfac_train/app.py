@@ -155,8 +155,9 @@ def _train(config: RunConfig, cfg: DictConfig | RunConfig, dist_info: DistInfo) 
         outputs.write_config(config_yaml)
         config_dict = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
         assert isinstance(config_dict, dict)
-        loggers = LOGGERS.build(config.logger.name, config.logger, str(run_dir), config_dict,
-                                total_steps)
+        loggers = LOGGERS.build(
+            config.logger.name, config.logger, str(run_dir), config_dict, total_steps
+        )
 
     parts = Components(
         config=config,
