@@ -28,7 +28,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from kfac_train.app import train  # noqa: E402
-from kfac_train.config import register_configs  # noqa: E402
+from kfac_train.hydra_setup import register_configs  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -19,7 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kfac_train.config import RunConfig, launch_run_id, register_configs, to_run_config
+from kfac_train.config import RunConfig, to_run_config
+from kfac_train.context import BuildContext
 from kfac_train.distributed import DistInfo, broadcast_object, init_distributed, teardown
 from kfac_train.engine.batching import plan_batches
 from kfac_train.engine.loop import Components, Trainer
@@ -28,11 +29,13 @@ from kfac_train.engine.precision import autocast_factory, make_grad_scaler
 from kfac_train.engine.sharding import shard_model
 from kfac_train.engine.signals import requeue_after_stop
 from kfac_train.errors import UserError
+from kfac_train.hydra_setup import launch_run_id, register_configs
 from kfac_train.optim.first_order import build_optimizer
 from kfac_train.optim.preconditioner import build_preconditioner
-from kfac_train.registry import DATA, LOGGERS, MODELS, TASKS, BuildContext
+from kfac_train.registry import DATA, LOGGERS, MODELS, TASKS
 from kfac_train.schedules.controller import ScheduleController
 from kfac_train.schedules.lr import lr_multiplier
+from kfac_train.validation import validate
 
 log = logging.getLogger("kfac_train")
 
@@ -92,6 +95,7 @@ def train(cfg: DictConfig | RunConfig) -> dict[str, Any]:
     set_offline_environment()
     register_configs()
     config = to_run_config(cfg)
+    validate(config)  # train.py validated already, before Hydra made the run directory
     dist_info = init_distributed(config.trainer.device)
     try:
         return _train(config, cfg, dist_info)
@@ -109,8 +113,9 @@ def _train(config: RunConfig, cfg: DictConfig | RunConfig, dist_info: DistInfo) 
     ctx = BuildContext(config, dist_info, plan.micro_batch, plan.accumulation_steps)
 
     task = TASKS.build(config.task.name, config.task, ctx)
-    ctx.task = task
+    ctx = ctx.with_task(task)
     data = DATA.build(config.data.name, config.data, ctx)
+    task.set_eval_info(data.eval_info)
     module = MODELS.build(config.model.name, config.model, ctx)
     wrapped = prepare_model(module, config, dist_info)
 
@@ -156,8 +161,9 @@ def _train(config: RunConfig, cfg: DictConfig | RunConfig, dist_info: DistInfo) 
         outputs.write_config(config_yaml)
         config_dict = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
         assert isinstance(config_dict, dict)
-        loggers = LOGGERS.build(config.logger.name, config.logger, str(run_dir), config_dict,
-                                total_steps)
+        loggers = LOGGERS.build(
+            config.logger.name, config.logger, str(run_dir), config_dict, total_steps
+        )
 
     parts = Components(
         config=config,

@@ -38,6 +38,19 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
+def launched_world_size() -> int:
+    """Ranks of this launch as set by torchrun (WORLD_SIZE) or srun (SLURM_NTASKS); 1 alone.
+
+    The same rule as `kfac_train.distributed.launcher_env`, without importing torch.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"])
+    if "SLURM_PROCID" in env:
+        return int(env.get("SLURM_NTASKS", "1"))
+    return 1
+
+
 def report_user_error(error: Exception) -> None:
     """Print a user error as one line on stderr."""
     print(f"error: {error}", file=sys.stderr)

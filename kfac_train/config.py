@@ -1,4 +1,4 @@
-"""Typed configuration schemas (Hydra structured configs) and their registration.
+"""Typed configuration schemas (plain dataclasses) with the allowed values of every option.
 
 Layout of the composed config (``python train.py --cfg job`` prints it)::
 
@@ -16,21 +16,108 @@ Groups whose options differ in kind (model, data, task) use one dataclass per op
 that recipes must be able to change by value (optim, schedule, strategy, batch) share one
 schema, because a recipe file (``conf/recipe/``) may set values but cannot switch options.
 
+Allowed values are declared here, next to each field, and nowhere else: `one_of` (a fixed set
+of choices) and `within` (a numeric `Range`) store them in the dataclass field's metadata, and
+`kfac_train.validation.validate` checks every field of a composed `RunConfig` against them
+(plus the few rules that relate two fields). Hydra only sees plain ``str``/``int``/``float``
+fields, so a bad value is reported by the validator in one line (exit status 2), not by
+OmegaConf. Hydra's ConfigStore registration and resolvers live in `kfac_train.hydra_setup`.
+
 Library code never receives a DictConfig: `to_run_config` turns the composed config into these
 dataclasses (``OmegaConf.to_object``) and builders get their own node as a dataclass instance.
 """
 
 from __future__ import annotations
 
-import os
-import time
+import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from kfac_train.errors import UserError
+from kfac_train.kfac import KFACPreconditioner
+
+
+# ---------------------------------------------------------------------------------------------
+# Allowed values, attached to fields as metadata.
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Range:
+    """A numeric interval; ``None`` ends are unbounded, ``*_open`` ends exclude the bound.
+
+    Every admitted value is finite (``nan`` and ``inf`` are refused).
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def admits(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return (
+                "a finite number"
+                if self.low is None
+                else (f"{'>' if self.low_open else '>='} {self.low:g}")
+            )
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+POSITIVE = Range(low=0, low_open=True)
+NON_NEGATIVE = Range(low=0)
+AT_LEAST_ONE = Range(low=1)
+FRACTION = Range(0, 1, low_open=True)  # (0, 1]
+UNIT_INTERVAL = Range(0, 1)  # [0, 1]
+DECAY = Range(0, 1, high_open=True)  # [0, 1)
+
+#: Names of the floating dtypes K-FAC can store factors, second-order data and messages in.
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+PARALLELISMS = ("ddp", "fsdp")
+PROGRESS_MODES = ("auto", "bar", "lines", "off")
+WANDB_MODES = ("offline", "online", "disabled")
+SCHEDULE_UNITS = ("epoch", "step")
+PRECONDITIONERS = ("none", "kfac")
+COMPUTE_METHODS = ("eigen", "inverse")
+BATCHNORM_MODES = ("skip", "unit_wise")
+CONV_FACTORS = ("patches", "spatial_mean")
+GRAD_SCALINGS = ("mean", "per_example")
+ASSIGNMENT_COSTS = ("compute", "memory")
+
+
+def one_of(default: Any, choices: tuple[str, ...]) -> Any:
+    """A field whose value must be one of `choices` (None allowed if the field is Optional)."""
+    return field(default=default, metadata={"choices": choices})
+
+
+def within(default: Any, allowed: Range, *, ascending: bool = False) -> Any:
+    """A numeric field (or list of numbers) whose values must lie in `allowed`.
+
+    For lists, `ascending=True` also requires non-decreasing order (milestones).
+    """
+    metadata = {"range": allowed, "ascending": ascending}
+    if isinstance(default, list):
+        values = list(default)
+        return field(default_factory=lambda: list(values), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def library_default(name: str) -> Any:
+    """The default of `KFACPreconditioner`'s argument `name` (written once, in the library)."""
+    return inspect.signature(KFACPreconditioner).parameters[name].default
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +160,7 @@ class DataConfig:
 
     name: str = MISSING
     root: Optional[str] = None
-    num_workers: int = 0
+    num_workers: int = within(0, NON_NEGATIVE)
 
 
 @dataclass
@@ -102,17 +189,17 @@ class OptimConfig:
         exclude_norm_and_bias_from_weight_decay: no weight decay on biases and 1-d parameters.
     """
 
-    preconditioner: str = "none"
+    preconditioner: str = one_of("none", PRECONDITIONERS)
     base: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
+    lr: float = within(0.1, POSITIVE)
+    momentum: float = within(0.9, DECAY)
     nesterov: bool = False
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    trust_coefficient: float = 0.001
+    weight_decay: float = within(0.0, NON_NEGATIVE)
+    betas: list[float] = within([0.9, 0.999], DECAY)
+    eps: float = within(1e-8, POSITIVE)
+    trust_coefficient: float = within(0.001, POSITIVE)
     exclude_norm_and_bias_from_weight_decay: bool = False
-    grad_clip_norm: Optional[float] = None
+    grad_clip_norm: Optional[float] = within(None, POSITIVE)
 
 
 @dataclass
@@ -133,15 +220,15 @@ class ScheduleConfig:
     """
 
     name: str = "constant"
-    unit: str = "epoch"
-    warmup: float = 0.0
-    warmup_start_factor: float = 0.0
-    milestones: list[float] = field(default_factory=list)
-    gamma: float = 0.1
-    decay_start: float = 0.0
-    decay_end: Optional[float] = None
-    power: float = 2.0
-    final_factor: float = 0.0
+    unit: str = one_of("epoch", SCHEDULE_UNITS)
+    warmup: float = within(0.0, NON_NEGATIVE)
+    warmup_start_factor: float = within(0.0, UNIT_INTERVAL)
+    milestones: list[float] = within([], NON_NEGATIVE, ascending=True)
+    gamma: float = within(0.1, POSITIVE)
+    decay_start: float = within(0.0, NON_NEGATIVE)
+    decay_end: Optional[float] = within(None, NON_NEGATIVE)
+    power: float = within(2.0, POSITIVE)
+    final_factor: float = within(0.0, UNIT_INTERVAL)
     momentum_tied: bool = False
 
 
@@ -151,26 +238,29 @@ class KFACConfig:
 
     `damping_milestones` (in `schedule.unit`) multiply the damping by `damping_gamma` at each
     milestone; `interval_milestones` multiply both update intervals by `interval_factor`.
-    Dtypes are names of torch dtypes ("float32", "bfloat16", "float16").
+    Dtypes are names of torch dtypes (`DTYPES`). `inv_update_steps` must be a multiple of
+    `factor_update_steps` (second-order data is recomputed right after a factor update, never
+    from factors that have not changed). `damping`, `factor_decay` and `kl_clip` default to the
+    library's defaults (`KFACPreconditioner`).
     """
 
-    factor_update_steps: int = 10
-    inv_update_steps: int = 100
-    damping: float = 0.001
-    factor_decay: float = 0.95
-    kl_clip: Optional[float] = 0.001
-    compute_method: str = "eigen"
+    factor_update_steps: int = within(10, AT_LEAST_ONE)
+    inv_update_steps: int = within(100, AT_LEAST_ONE)
+    damping: float = within(library_default("damping"), POSITIVE)
+    factor_decay: float = within(library_default("factor_decay"), DECAY)
+    kl_clip: Optional[float] = within(library_default("kl_clip"), POSITIVE)
+    compute_method: str = one_of("eigen", COMPUTE_METHODS)
     factored_damping: bool = False
-    batchnorm: str = "skip"
-    conv_factor: str = "patches"
-    grad_scaling: str = "mean"
+    batchnorm: str = one_of("skip", BATCHNORM_MODES)
+    conv_factor: str = one_of("patches", CONV_FACTORS)
+    grad_scaling: str = one_of("mean", GRAD_SCALINGS)
     skip_layers: list[str] = field(default_factory=list)
-    factor_dtype: str = "float32"
-    inv_dtype: str = "float32"
-    damping_milestones: list[float] = field(default_factory=list)
-    damping_gamma: float = 0.5
-    interval_milestones: list[float] = field(default_factory=list)
-    interval_factor: int = 10
+    factor_dtype: str = one_of("float32", DTYPES)
+    inv_dtype: str = one_of("float32", DTYPES)
+    damping_milestones: list[float] = within([], NON_NEGATIVE, ascending=True)
+    damping_gamma: float = within(0.5, POSITIVE)
+    interval_milestones: list[float] = within([], NON_NEGATIVE, ascending=True)
+    interval_factor: int = within(10, AT_LEAST_ONE)
 
 
 @dataclass
@@ -179,17 +269,19 @@ class StrategyConfig:
 
     `grad_worker_fraction`: a float in (0, 1] or "comm-opt" (1), "hybrid-opt" (1/2),
     "mem-opt" (1/world size) or "auto" (strategy=auto: the least-traffic fraction whose K-FAC
-    state fits `memory_budget_mb` MiB per rank). `comm_dtype`: None = the factor dtype.
+    state fits `memory_budget_mb` MiB per rank); the library's `resolve_grad_worker_fraction`
+    decides what is accepted (``mem_opt`` is the same name). The option files of
+    ``conf/strategy/`` are presets of this value; the chosen option's name is Hydra's
+    (``.hydra/hydra.yaml``: runtime.choices). `comm_dtype`: None = the factor dtype.
     """
 
-    name: str = "comm_opt"
     grad_worker_fraction: Union[float, str] = "comm-opt"
-    memory_budget_mb: Optional[float] = None
-    bucket_cap_mb: float = 25.0
+    memory_budget_mb: Optional[float] = within(None, POSITIVE)
+    bucket_cap_mb: float = within(25.0, POSITIVE)
     symmetry_aware: bool = False
-    comm_dtype: Optional[str] = None
+    comm_dtype: Optional[str] = one_of(None, DTYPES)
     colocate_factors: bool = True
-    assignment_cost: str = "compute"
+    assignment_cost: str = one_of("compute", ASSIGNMENT_COSTS)
     overlap_comm: bool = True
 
 
@@ -197,7 +289,7 @@ class StrategyConfig:
 class BatchConfig:
     """The global batch (samples per optimizer step, all ranks and micro-batches together)."""
 
-    size: int = 64
+    size: int = within(64, AT_LEAST_ONE)
 
 
 @dataclass
@@ -210,10 +302,10 @@ class LoggerConfig:
     """
 
     name: str = "console"
-    progress: str = "auto"
+    progress: str = one_of("auto", PROGRESS_MODES)
     wandb_project: str = "kfac-train"
     wandb_entity: Optional[str] = None
-    wandb_mode: str = "offline"
+    wandb_mode: str = one_of("offline", WANDB_MODES)
     wandb_tags: list[str] = field(default_factory=list)
 
 
@@ -242,21 +334,21 @@ class TrainerConfig:
             `fully_shard` per block and the root; K-FAC gathers each layer's gradient).
     """
 
-    max_steps: Optional[int] = None
-    max_epochs: Optional[float] = None
-    micro_batch: Optional[int] = None
-    device: str = "auto"
-    precision: str = "fp32"
-    eval_every: int = 0
-    log_every: int = 10
+    max_steps: Optional[int] = within(None, AT_LEAST_ONE)
+    max_epochs: Optional[float] = within(None, POSITIVE)
+    micro_batch: Optional[int] = within(None, AT_LEAST_ONE)
+    device: str = one_of("auto", DEVICES)
+    precision: str = one_of("fp32", PRECISIONS)
+    eval_every: int = within(0, NON_NEGATIVE)
+    log_every: int = within(10, AT_LEAST_ONE)
     target_metric: Optional[str] = None
-    target_value: Optional[float] = None
-    target_mode: str = "max"
+    target_value: Optional[float] = within(None, Range())
+    target_mode: str = one_of("max", ("max", "min"))
     deterministic: bool = False
     channels_last: bool = False
     compile: bool = False
-    cpu_threads: Optional[int] = None
-    parallelism: str = "ddp"
+    cpu_threads: Optional[int] = within(None, AT_LEAST_ONE)
+    parallelism: str = one_of("ddp", PARALLELISMS)
 
 
 @dataclass
@@ -271,9 +363,9 @@ class CheckpointConfig:
         at_end: save a final checkpoint when training finishes.
     """
 
-    every: int = 0
+    every: int = within(0, NON_NEGATIVE)
     resume: Optional[str] = None
-    keep_last: int = 2
+    keep_last: int = within(2, AT_LEAST_ONE)
     dir: str = "checkpoints"
     at_end: bool = True
 
@@ -295,71 +387,6 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 0
     output_dir: Optional[str] = None
-
-
-SHARED_SCHEMAS: dict[str, type] = {
-    "optim": OptimConfig,
-    "schedule": ScheduleConfig,
-    "strategy": StrategyConfig,
-    "batch": BatchConfig,
-    "logger": LoggerConfig,
-}
-
-_registered = False
-
-
-def launch_run_id(env: dict[str, str] | None = None) -> str:
-    """The run directory name under ``outputs/``, identical on every rank of one launch.
-
-    - Slurm: ``slurm-<job id>[_<array task>].<step id>`` (a requeued job gets the same name, so
-      ``checkpoint.resume=auto`` finds its checkpoints);
-    - torchrun: ``<date>/torchrun-<rendezvous id>`` (``--standalone`` draws a fresh one; with
-      ``--rdzv-id`` unset, the torchrun agent's process id);
-    - a single process: ``<date>/<time>``.
-    """
-    env = dict(os.environ if env is None else env)
-    date = time.strftime("%Y-%m-%d")
-    if "SLURM_JOB_ID" in env and ("SLURM_PROCID" in env or "RANK" in env):
-        job = env["SLURM_JOB_ID"]
-        if "SLURM_ARRAY_TASK_ID" in env:
-            job = f"{env.get('SLURM_ARRAY_JOB_ID', job)}_{env['SLURM_ARRAY_TASK_ID']}"
-        return f"slurm-{job}.{env.get('SLURM_STEP_ID', '0')}"
-    if "TORCHELASTIC_RUN_ID" in env and "RANK" in env:
-        run_id = env["TORCHELASTIC_RUN_ID"]
-        if run_id in ("", "none"):
-            run_id = f"agent{os.getppid()}"
-        return f"{date}/torchrun-{run_id[:12]}"
-    return f"{date}/{time.strftime('%H-%M-%S')}"
-
-
-def rank_suffix() -> str:
-    """"" on rank 0 (or a single process), "_rank<r>" on other ranks (per-rank log files)."""
-    from kfac_train.cli import launched_rank
-
-    rank = launched_rank()
-    return "" if rank == 0 else f"_rank{rank}"
-
-
-def register_configs() -> None:
-    """Store the root schema and every option schema in Hydra's ConfigStore (idempotent).
-
-    The root is stored as ``run_config``; each shared-schema group gets ``<group>_schema``;
-    per-option schemas are stored by `Registry.register` when the component modules are
-    imported here.
-    """
-    global _registered
-    if _registered:
-        return
-    OmegaConf.register_new_resolver("kfac_run_id", lambda: launch_run_id(), replace=True)
-    OmegaConf.register_new_resolver("kfac_rank_suffix", rank_suffix, replace=True)
-    cs = ConfigStore.instance()
-    cs.store(name="run_config", node=RunConfig)
-    for group, schema in SHARED_SCHEMAS.items():
-        cs.store(group=group, name=f"{group}_schema", node=schema)
-    from kfac_train.registry import discover_all
-
-    discover_all()
-    _registered = True
 
 
 def to_run_config(cfg: DictConfig | RunConfig) -> RunConfig:

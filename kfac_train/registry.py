@@ -1,16 +1,18 @@
-"""Name → builder registries, one per component kind, and the context builders receive.
+"""Name → builder registries, one per component kind.
 
 Every component kind (models, data, tasks, optimizers, schedules, loggers) has one `Registry`.
 A builder is registered under the option name used on the command line (``model=resnet50``) and,
 for groups with per-option schemas (model, data, task), together with the dataclass schema of
-that option, which is stored in Hydra's ConfigStore as ``<group>/<name>_schema``::
+that option (`kfac_train.hydra_setup.register_configs` stores it in Hydra's ConfigStore as
+``<group>/<name>_schema``)::
 
     @MODELS.register("resnet20", schema=ResNet20Config)
     def build_resnet20(cfg: ResNet20Config, ctx: BuildContext) -> nn.Module: ...
 
 Builders are found by importing every module of the component's package
 (`discover_components`), so a new file in ``kfac_train/models/`` is picked up without editing
-any list.
+any list. This module imports neither Hydra nor the config schemas; `BuildContext` (what
+builders receive) lives in `kfac_train.context` and is re-exported here for plug-in modules.
 """
 
 from __future__ import annotations
@@ -18,43 +20,26 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from hydra.core.config_store import ConfigStore
+from kfac_train.context import BuildContext
+from kfac_train.errors import UserError
 
-if TYPE_CHECKING:
-    import torch
-
-    from kfac_train.config import RunConfig
-    from kfac_train.distributed import DistInfo
-    from kfac_train.tasks.base import Task
+__all__ = [
+    "ALL_REGISTRIES",
+    "DATA",
+    "LOGGERS",
+    "MODELS",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "TASKS",
+    "BuildContext",
+    "Registry",
+    "discover_all",
+    "discover_components",
+]
 
 B = TypeVar("B", bound=Callable[..., Any])
-
-
-@dataclass
-class BuildContext:
-    """What every builder may read besides its own config node.
-
-    Attributes:
-        config: the whole typed run configuration (read-only by convention).
-        dist: rank, world size, local rank and the device of this process.
-        micro_batch: samples per forward/backward on this rank.
-        accumulation_steps: micro-batches per optimizer step.
-        task: the task of this run (set before data and model are built; None while the task
-            itself is being built).
-    """
-
-    config: RunConfig
-    dist: DistInfo
-    micro_batch: int
-    accumulation_steps: int
-    task: Task | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.dist.device
 
 
 class Registry(Generic[B]):
@@ -72,9 +57,10 @@ class Registry(Generic[B]):
         self.group = group
         self.package = package
         self._builders: dict[str, B] = {}
+        self._schemas: dict[str, type] = {}
 
     def register(self, name: str, *, schema: type | None = None) -> Callable[[B], B]:
-        """Decorator registering `builder` under `name` (and its schema in the ConfigStore)."""
+        """Decorator registering `builder` under `name`, with its option schema if any."""
         if schema is not None and self.group is None:
             raise TypeError(f"the {self.kind} registry has one shared schema; got {schema=}")
 
@@ -83,7 +69,7 @@ class Registry(Generic[B]):
                 raise ValueError(f"{self.kind} option {name!r} is registered twice")
             self._builders[name] = builder
             if schema is not None:
-                ConfigStore.instance().store(group=self.group, name=f"{name}_schema", node=schema)
+                self._schemas[name] = schema
             return builder
 
         return decorate
@@ -92,12 +78,15 @@ class Registry(Generic[B]):
         """The builder registered as `name`; ValueError listing the choices otherwise."""
         self.discover()
         if name not in self._builders:
-            from kfac_train.errors import UserError
-
             raise UserError(
                 f"unknown {self.kind[:-1]} {name!r}; choose one of: {', '.join(self.names())}"
             )
         return self._builders[name]
+
+    def schemas(self) -> dict[str, type]:
+        """Option name → schema dataclass of every option registered with one."""
+        self.discover()
+        return dict(self._schemas)
 
     def names(self) -> list[str]:
         self.discover()

@@ -54,9 +54,12 @@ def synthetic_batches(args: argparse.Namespace, vocab_size: int) -> Iterator[dic
     from kfac_train.models.bert import BertTinyConfig
     from kfac_train.tasks.masked_lm import MaskedLMConfig, MaskedLMTask
 
-    task = MaskedLMTask(MaskedLMConfig(synthetic_seq_length=args.seq,
-                                       synthetic_max_predictions=args.max_predictions),
-                        None)  # type: ignore[arg-type]  # synthetic batches need no context
+    task = MaskedLMTask(
+        MaskedLMConfig(
+            synthetic_seq_length=args.seq, synthetic_max_predictions=args.max_predictions
+        ),
+        None,
+    )  # type: ignore[arg-type]  # synthetic batches need no context
     model_cfg = BertTinyConfig(vocab_size=vocab_size)
     generator = torch.Generator().manual_seed(0)
     while True:
@@ -71,9 +74,13 @@ def demo_batches(args: argparse.Namespace) -> tuple[Iterator[dict[str, Any]], in
     folder = BertDemoDataConfig(max_seq_length=args.seq).prepared_dir()
     vocab_size = read_pretraining_meta(folder)["vocab_size"]
     dataset = load_pretraining_split(folder, "train", max_seq_length=args.seq)
-    collate = MaskedLMCollator(vocab_size=vocab_size, special=special_ids_of(folder / "vocab.txt"),
-                               max_seq_length=args.seq, max_predictions=args.max_predictions,
-                               generator=torch.Generator().manual_seed(0))
+    collate = MaskedLMCollator(
+        vocab_size=vocab_size,
+        special=special_ids_of(folder / "vocab.txt"),
+        max_seq_length=args.seq,
+        max_predictions=args.max_predictions,
+        generator=torch.Generator().manual_seed(0),
+    )
 
     def batches() -> Iterator[dict[str, Any]]:
         while True:
@@ -87,22 +94,36 @@ def tensor_bytes(tensors: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def run(args: argparse.Namespace, use_kfac: bool, batches: list[dict[str, Any]],
-        vocab_size: int) -> dict[str, float]:
+def run(
+    args: argparse.Namespace, use_kfac: bool, batches: list[dict[str, Any]], vocab_size: int
+) -> dict[str, float]:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build_bert_pretraining(args.model, vocab_size).to(device)
-    optimizer = build_optimizer(model, OptimConfig(base="lamb", lr=1e-3, weight_decay=0.01,
-                                                   eps=1e-6,
-                                                   exclude_norm_and_bias_from_weight_decay=True))
+    optimizer = build_optimizer(
+        model,
+        OptimConfig(
+            base="lamb",
+            lr=1e-3,
+            weight_decay=0.01,
+            eps=1e-6,
+            exclude_norm_and_bias_from_weight_decay=True,
+        ),
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     pre = None
     if use_kfac:
         pre = KFACPreconditioner(
-            model, factor_update_steps=1, inv_update_steps=args.inv_every, damping=0.003,
-            factor_decay=0.95, kl_clip=0.001, lr=lambda step: optimizer.param_groups[0]["lr"],
-            skip_layers=KFAC_SKIP_LAYERS, grad_scaler=scaler if scaler.is_enabled() else None,
+            model,
+            factor_update_steps=1,
+            inv_update_steps=args.inv_every,
+            damping=0.003,
+            factor_decay=0.95,
+            kl_clip=0.001,
+            lr=lambda step: optimizer.param_groups[0]["lr"],
+            skip_layers=KFAC_SKIP_LAYERS,
+            grad_scaler=scaler if scaler.is_enabled() else None,
             inv_dtype=torch.float16 if args.fp16_inverses else torch.float32,
         )
     if device.type == "cuda":
@@ -112,8 +133,9 @@ def run(args: argparse.Namespace, use_kfac: bool, batches: list[dict[str, Any]],
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             sums = pretraining_losses(model, batch)
-            loss = sums["mlm_loss_sum"] / sums["mlm_count"] + sums["nsp_loss_sum"] / sums[
-                "nsp_count"]
+            loss = (
+                sums["mlm_loss_sum"] / sums["mlm_count"] + sums["nsp_loss_sum"] / sums["nsp_count"]
+            )
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         if pre is not None:
@@ -167,8 +189,10 @@ def memory_only(args: argparse.Namespace) -> None:
         g = layer.out_features
         eigen_elements += a * a + g * g + g * a
     base = params + lamb
-    print(f"{args.model}: {len(pre.layer_names)} K-FAC layers; parameters "
-          f"{params / 2**20:.1f} MiB + LAMB state {lamb / 2**20:.1f} MiB = {base / 2**20:.1f} MiB")
+    print(
+        f"{args.model}: {len(pre.layer_names)} K-FAC layers; parameters "
+        f"{params / 2**20:.1f} MiB + LAMB state {lamb / 2**20:.1f} MiB = {base / 2**20:.1f} MiB"
+    )
     print(f"  running factors (fp32) {factors / 2**20:9.1f} MiB {100 * factors / base:6.1f}%")
     for label, size in (("fp32", 4), ("fp16", 2)):
         eig = eigen_elements * size
@@ -178,8 +202,9 @@ def memory_only(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="bert_tiny",
-                        choices=["bert_tiny", "bert_base", "bert_large"])
+    parser.add_argument(
+        "--model", default="bert_tiny", choices=["bert_tiny", "bert_base", "bert_large"]
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--micro-batch", type=int, default=32, help="sequences per step")
@@ -192,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inv-every", type=int, default=10, help="K-FAC inverse interval")
     parser.add_argument("--fp16-inverses", action="store_true", help="KAISA's inv_dtype")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--memory-only", action="store_true",
-                        help="only K-FAC's memory, on the meta device")
+    parser.add_argument(
+        "--memory-only", action="store_true", help="only K-FAC's memory, on the meta device"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -206,26 +232,35 @@ def main(argv: list[str] | None = None) -> int:
         vocab_size = args.vocab_size
         stream = synthetic_batches(args, vocab_size)
     batches = [next(stream) for _ in range(min(args.warmup + args.steps, 50))]
-    print(f"{args.model} on {args.device} ({args.precision}, {torch.get_num_threads()} threads): "
-          f"micro-batch {args.micro_batch} x {args.seq} tokens, {args.data} data, vocabulary "
-          f"{vocab_size}; {args.steps} timed steps after {args.warmup}; K-FAC inverse every "
-          f"{args.inv_every}")
-    results = {name: run(args, name == "kfac+lamb", batches, vocab_size)
-               for name in ("lamb", "kfac+lamb")}
+    print(
+        f"{args.model} on {args.device} ({args.precision}, {torch.get_num_threads()} threads): "
+        f"micro-batch {args.micro_batch} x {args.seq} tokens, {args.data} data, vocabulary "
+        f"{vocab_size}; {args.steps} timed steps after {args.warmup}; K-FAC inverse every "
+        f"{args.inv_every}"
+    )
+    results = {
+        name: run(args, name == "kfac+lamb", batches, vocab_size) for name in ("lamb", "kfac+lamb")
+    }
     base = results["lamb"]
-    print(f"{'optimizer':<10} {'step s':>9} {'median s':>9} {'tokens/s':>10} {'vs LAMB':>8}"
-          + (f" {'peak MiB':>9}" if "peak_bytes" in base else ""))
+    print(
+        f"{'optimizer':<10} {'step s':>9} {'median s':>9} {'tokens/s':>10} {'vs LAMB':>8}"
+        + (f" {'peak MiB':>9}" if "peak_bytes" in base else "")
+    )
     for name, r in results.items():
-        line = (f"{name:<10} {r['step_time']:>9.4f} {r['step_time_median']:>9.4f} "
-                f"{r['tokens_per_s']:>10.0f} {base['step_time'] / r['step_time']:>8.2f}")
+        line = (
+            f"{name:<10} {r['step_time']:>9.4f} {r['step_time_median']:>9.4f} "
+            f"{r['tokens_per_s']:>10.0f} {base['step_time'] / r['step_time']:>8.2f}"
+        )
         if "peak_bytes" in r:
             line += f" {r['peak_bytes'] / 2**20:>9.0f}"
         print(line)
     k = results["kfac+lamb"]
     model_bytes = k["param_bytes"] + k["optimizer_bytes"]
-    print(f"K-FAC state {k['kfac_bytes'] / 2**20:.1f} MiB = "
-          f"{100 * k['kfac_bytes'] / model_bytes:.1f}% of parameters + LAMB state "
-          f"({model_bytes / 2**20:.1f} MiB)")
+    print(
+        f"K-FAC state {k['kfac_bytes'] / 2**20:.1f} MiB = "
+        f"{100 * k['kfac_bytes'] / model_bytes:.1f}% of parameters + LAMB state "
+        f"({model_bytes / 2**20:.1f} MiB)"
+    )
     return 0
 
 

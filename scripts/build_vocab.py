@@ -27,13 +27,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("text_files", nargs="+", type=Path, help="raw-text files")
     parser.add_argument("--out", type=Path, required=True, help="output folder for vocab.txt")
     parser.add_argument("--vocab-size", type=int, default=30522, help="at most this many tokens")
-    parser.add_argument("--min-frequency", type=int, default=2,
-                        help="merges need at least this many occurrences")
+    parser.add_argument(
+        "--min-frequency", type=int, default=2, help="merges need at least this many occurrences"
+    )
     parser.add_argument("--cased", action="store_true", help="keep case and accents")
     args = parser.parse_args(argv)
     try:
-        path = train_wordpiece_vocab(args.text_files, args.out, vocab_size=args.vocab_size,
-                                     min_frequency=args.min_frequency, lowercase=not args.cased)
+        path = train_wordpiece_vocab(
+            args.text_files,
+            args.out,
+            vocab_size=args.vocab_size,
+            min_frequency=args.min_frequency,
+            lowercase=not args.cased,
+        )
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

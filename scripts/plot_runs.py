@@ -48,8 +48,9 @@ def plot_runs(run_dirs: list[Path], labels: list[str], x_axis: str, out: Path) -
     import matplotlib.pyplot as plt
 
     runs = [with_time(read_run(d)) for d in run_dirs]
-    eval_metrics = sorted({m for run in runs for r in run if r["kind"] == "eval"
-                           for m in r["metrics"]})
+    eval_metrics = sorted(
+        {m for run in runs for r in run if r["kind"] == "eval" for m in r["metrics"]}
+    )
     panels = ["train loss", *(f"eval {m}" for m in eval_metrics)]
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for run, label in zip(runs, labels, strict=True):

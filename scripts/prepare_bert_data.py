@@ -38,16 +38,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=Path, required=True, help="WordPiece vocab.txt")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--max-seq-length", type=int, default=128)
-    parser.add_argument("--short-seq-prob", type=float, default=0.1,
-                        help="share of pairs with a random shorter target length")
-    parser.add_argument("--random-next-prob", type=float, default=0.5,
-                        help="share of pairs whose B segment comes from another document")
-    parser.add_argument("--dupe-factor", type=int, default=1,
-                        help="pairings of the corpus, each with different random draws")
-    parser.add_argument("--validation-fraction", type=float, default=0.01,
-                        help="share of documents held out for evaluation")
-    parser.add_argument("--docs-per-batch", type=int, default=1000,
-                        help="documents per map batch (random next sentences come from it)")
+    parser.add_argument(
+        "--short-seq-prob",
+        type=float,
+        default=0.1,
+        help="share of pairs with a random shorter target length",
+    )
+    parser.add_argument(
+        "--random-next-prob",
+        type=float,
+        default=0.5,
+        help="share of pairs whose B segment comes from another document",
+    )
+    parser.add_argument(
+        "--dupe-factor",
+        type=int,
+        default=1,
+        help="pairings of the corpus, each with different random draws",
+    )
+    parser.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.01,
+        help="share of documents held out for evaluation",
+    )
+    parser.add_argument(
+        "--docs-per-batch",
+        type=int,
+        default=1000,
+        help="documents per map batch (random next sentences come from it)",
+    )
     parser.add_argument("--num-proc", type=int, default=None, help="worker processes")
     parser.add_argument("--seed", type=int, default=12345)
     parser.add_argument("--cased", action="store_true", help="the vocabulary is cased")
@@ -55,22 +75,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = PairSettings(
-            max_seq_length=args.max_seq_length, short_seq_prob=args.short_seq_prob,
-            random_next_prob=args.random_next_prob, dupe_factor=args.dupe_factor,
+            max_seq_length=args.max_seq_length,
+            short_seq_prob=args.short_seq_prob,
+            random_next_prob=args.random_next_prob,
+            dupe_factor=args.dupe_factor,
             seed=args.seed,
         )
         meta = prepare_pretraining_data(
-            args.text_files, args.vocab, args.out, settings=settings,
-            validation_fraction=args.validation_fraction, num_proc=args.num_proc,
-            docs_per_batch=args.docs_per_batch, lowercase=not args.cased,
+            args.text_files,
+            args.vocab,
+            args.out,
+            settings=settings,
+            validation_fraction=args.validation_fraction,
+            num_proc=args.num_proc,
+            docs_per_batch=args.docs_per_batch,
+            lowercase=not args.cased,
             cache_dir=args.cache_dir,
         )
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     counts = meta["num_examples"]
-    print(f"wrote {args.out}: {counts['train']} training and {counts['validation']} held-out "
-          f"examples of at most {meta['max_seq_length']} tokens (vocabulary {meta['vocab_size']})")
+    print(
+        f"wrote {args.out}: {counts['train']} training and {counts['validation']} held-out "
+        f"examples of at most {meta['max_seq_length']} tokens (vocabulary {meta['vocab_size']})"
+    )
     return 0
 
 

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from kfac_train.context import BuildContext
 from kfac_train.errors import UserError
-from kfac_train.registry import BuildContext
 
 
 @runtime_checkable
@@ -48,11 +48,15 @@ class DataBundle:
         train: this rank's training micro-batches (see `EpochLoader`).
         eval: this rank's share of the evaluation set, or None when there is none.
         num_train_samples: training samples per epoch over all ranks (for samples/epoch logs).
+        eval_info: facts about the evaluation set the task needs besides the batches (handed to
+            `Task.set_eval_info`), e.g. ``{"coco_ground_truth": COCO}``. Builders return them
+            here instead of changing the task.
     """
 
     train: EpochLoader
     eval: Iterable[Any] | None
     num_train_samples: int
+    eval_info: dict[str, Any] = field(default_factory=dict)
 
 
 def require_dir(path: str | None, key: str = "data.root", example: str = "/path/to/data") -> str:

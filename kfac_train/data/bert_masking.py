@@ -116,8 +116,7 @@ class MaskedLMCollator:
             input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
             token_type_ids[row, : len(ids)] = torch.as_tensor(ex["token_type_ids"])
             attention_mask[row, : len(ids)] = 1
-        nsp = torch.as_tensor([int(ex["next_sentence_label"]) for ex in examples],
-                              dtype=torch.long)
+        nsp = torch.as_tensor([int(ex["next_sentence_label"]) for ex in examples], dtype=torch.long)
         return {
             "input_ids": input_ids,
             "token_type_ids": token_type_ids,

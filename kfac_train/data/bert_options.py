@@ -97,8 +97,12 @@ class BertDemoDataConfig(BertPretrainingDataConfig):
         from kfac_train.data.bert_demo import build_demo_data
 
         root = Path(os.path.expanduser(self.root)) if self.root else default_cache_dir()
-        return build_demo_data(root / "bert_demo", max_seq_length=self.max_seq_length,
-                               vocab_size=self.vocab_size, dupe_factor=self.dupe_factor)
+        return build_demo_data(
+            root / "bert_demo",
+            max_seq_length=self.max_seq_length,
+            vocab_size=self.vocab_size,
+            dupe_factor=self.dupe_factor,
+        )
 
 
 def special_ids_of(vocab_file: Path) -> SpecialTokenIds:
@@ -106,8 +110,13 @@ def special_ids_of(vocab_file: Path) -> SpecialTokenIds:
     with open(vocab_file, encoding="utf-8") as f:
         ids = {line.rstrip("\n"): i for i, line in enumerate(f)}
     try:
-        return SpecialTokenIds(pad=ids["[PAD]"], cls=ids["[CLS]"], sep=ids["[SEP]"],
-                               mask=ids["[MASK]"], unk=ids["[UNK]"])
+        return SpecialTokenIds(
+            pad=ids["[PAD]"],
+            cls=ids["[CLS]"],
+            sep=ids["[SEP]"],
+            mask=ids["[MASK]"],
+            unk=ids["[UNK]"],
+        )
     except KeyError as missing:
         raise UserError(f"{vocab_file} lacks the special token {missing}") from None
 
@@ -130,10 +139,15 @@ def build_pretraining_data(cfg: BertPretrainingDataConfig, ctx: BuildContext) ->
         "mask_prob": cfg.mask_prob,
     }
     return DataBundle(
-        train=make_train_loader(train, ctx, num_workers=cfg.num_workers,
-                                collate_fn=MaskedLMCollator(**settings)),
-        eval=make_eval_loader(held_out, ctx, num_workers=cfg.num_workers,
-                              collate_fn=MaskedLMCollator(**settings, fixed_per_example=True)),
+        train=make_train_loader(
+            train, ctx, num_workers=cfg.num_workers, collate_fn=MaskedLMCollator(**settings)
+        ),
+        eval=make_eval_loader(
+            held_out,
+            ctx,
+            num_workers=cfg.num_workers,
+            collate_fn=MaskedLMCollator(**settings, fixed_per_example=True),
+        ),
         num_train_samples=len(train),
     )
 
@@ -211,8 +225,7 @@ def collate_squad_train(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 def collate_squad_eval(rows: list[dict[str, Any]]) -> SquadEvalBatch:
     return SquadEvalBatch(
-        inputs={k: torch.tensor([row[k] for row in rows], dtype=torch.long)
-                for k in INPUT_COLUMNS},
+        inputs={k: torch.tensor([row[k] for row in rows], dtype=torch.long) for k in INPUT_COLUMNS},
         example_ids=[row["example_id"] for row in rows],
         context_offsets=[row["context_offsets"] for row in rows],
         contexts=[row["context"] for row in rows],
@@ -232,14 +245,20 @@ def build_squad_data(cfg: SquadDataConfig, ctx: BuildContext) -> DataBundle:
     eval_examples = read_squad_file(root / cfg.eval_file)
     if cfg.eval_questions is not None:
         eval_examples = eval_examples.select(range(min(len(eval_examples), cfg.eval_questions)))
-    windows = {"max_seq_length": cfg.max_seq_length, "doc_stride": cfg.doc_stride,
-               "max_query_length": cfg.max_query_length, "num_proc": cfg.num_proc}
+    windows = {
+        "max_seq_length": cfg.max_seq_length,
+        "doc_stride": cfg.doc_stride,
+        "max_query_length": cfg.max_query_length,
+        "num_proc": cfg.num_proc,
+    }
     train = build_features(train_examples, tokenizer, training=True, **windows)
     evaluation = build_features(eval_examples, tokenizer, training=False, **windows)
     return DataBundle(
-        train=make_train_loader(train, ctx, num_workers=cfg.num_workers,
-                                collate_fn=collate_squad_train),
-        eval=make_eval_loader(evaluation, ctx, num_workers=cfg.num_workers,
-                              collate_fn=collate_squad_eval),
+        train=make_train_loader(
+            train, ctx, num_workers=cfg.num_workers, collate_fn=collate_squad_train
+        ),
+        eval=make_eval_loader(
+            evaluation, ctx, num_workers=cfg.num_workers, collate_fn=collate_squad_eval
+        ),
         num_train_samples=len(train),
     )

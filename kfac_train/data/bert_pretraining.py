@@ -169,8 +169,13 @@ def _documents_to_examples(
     """``datasets.map`` function: a batch of document texts → a batch of pretraining examples."""
     doc_lines = [[ln.strip() for ln in text.split("\n") if ln.strip()] for text in batch["text"]]
     flat = [ln for lines in doc_lines for ln in lines]
-    encoded = tokenizer(flat, add_special_tokens=False, return_attention_mask=False,
-                        return_token_type_ids=False)["input_ids"] if flat else []
+    encoded = (
+        tokenizer(
+            flat, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False
+        )["input_ids"]
+        if flat
+        else []
+    )
     documents: list[list[list[int]]] = []
     pos = 0
     for lines in doc_lines:
@@ -180,8 +185,9 @@ def _documents_to_examples(
     for round_ in range(settings.dupe_factor):
         # Seeded by the batch's first row, so examples do not depend on num_proc.
         rng = random.Random(f"{settings.seed}-{round_}-{indices[0] if indices else 0}")
-        pairs += build_pairs(documents, settings, rng, cls_id=tokenizer.cls_token_id,
-                             sep_id=tokenizer.sep_token_id)
+        pairs += build_pairs(
+            documents, settings, rng, cls_id=tokenizer.cls_token_id, sep_id=tokenizer.sep_token_id
+        )
     return {
         "input_ids": [p[0] for p in pairs],
         "token_type_ids": [p[1] for p in pairs],
@@ -244,7 +250,10 @@ def prepare_pretraining_data(
         raise UserError(f"{validation_fraction=} must lie in (0, 1)")
     tokenizer = load_bert_tokenizer(vocab_file, lowercase=lowercase)
     raw = datasets.load_dataset(
-        "text", data_files=files, sample_by="paragraph", split="train",
+        "text",
+        data_files=files,
+        sample_by="paragraph",
+        split="train",
         cache_dir=None if cache_dir is None else str(cache_dir),
     )
     raw = raw.filter(lambda row: bool(row["text"].strip()))

@@ -216,7 +216,8 @@ class CocoDataConfig(DataConfig):
 def build_coco(cfg: CocoDataConfig, ctx: BuildContext) -> DataBundle:
     """Sharded training and evaluation loaders of ``(list of images, list of targets)``.
 
-    Hands the validation ground truth to the detection task, which evaluates AP against it.
+    Returns the validation ground truth (``eval_info["coco_ground_truth"]``), against which
+    the detection task evaluates AP.
     """
     from kfac_train.tasks.detection import DetectionTask
 
@@ -241,7 +242,6 @@ def build_coco(cfg: CocoDataConfig, ctx: BuildContext) -> DataBundle:
     eval_set = val.dataset
     if cfg.max_eval_images is not None:
         eval_set = Subset(eval_set, range(min(cfg.max_eval_images, len(eval_set))))
-    ctx.task.set_ground_truth(val.coco)
     return DataBundle(
         train=make_train_loader(
             train.dataset, ctx, num_workers=cfg.num_workers, collate_fn=collate_detection
@@ -250,4 +250,5 @@ def build_coco(cfg: CocoDataConfig, ctx: BuildContext) -> DataBundle:
             eval_set, ctx, num_workers=cfg.num_workers, collate_fn=collate_detection
         ),
         num_train_samples=len(train.dataset),
+        eval_info={"coco_ground_truth": val.coco},
     )

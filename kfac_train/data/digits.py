@@ -44,9 +44,7 @@ class ShiftedDigits(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return self.crop(image), label
 
 
-def digits_split(
-    test_fraction: float, split_seed: int
-) -> tuple[TensorDataset, TensorDataset]:
+def digits_split(test_fraction: float, split_seed: int) -> tuple[TensorDataset, TensorDataset]:
     """(train, test) datasets of standardised (N, 1, 8, 8) images and int64 labels."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split

@@ -28,9 +28,7 @@ size; in evaluation it is dropped (metrics cover the readable images exactly onc
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -43,15 +41,33 @@ from torch.utils.data import DataLoader, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from kfac_train.config import DataConfig
+from kfac_train.config import AT_LEAST_ONE, NON_NEGATIVE, within
 from kfac_train.data.base import DataBundle, ResumableDistributedSampler, ShardSampler
+from kfac_train.data.imagenet_common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CorruptImageError,
+    ImageNetFoldersConfig,
+    check_imagenet_root,
+    default_resize_size,
+    resolve_image_size,
+)
 from kfac_train.errors import UserError
 from kfac_train.registry import DATA, BuildContext
 
-log = logging.getLogger(__name__)
+__all__ = [  # the shared names are importable from here too
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CorruptImageError",
+    "ImageNetDataConfig",
+    "build_imagenet",
+    "build_imagenet_datasets",
+    "check_imagenet_root",
+    "default_resize_size",
+    "resolve_image_size",
+]
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+log = logging.getLogger(__name__)
 
 # Errors PIL raises for a file that is not a decodable image (unknown format, truncated data,
 # broken headers, decompression bombs).
@@ -64,10 +80,6 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
 )
 # In training, how many following images are tried in place of an undecodable one.
 _MAX_SUBSTITUTES = 16
-
-
-class CorruptImageError(UserError):
-    """An image file could not be decoded; the message names the file and the fix."""
 
 
 def _reraise_from_worker(err: CorruptImageError) -> CorruptImageError:
@@ -84,27 +96,19 @@ def _reraise_from_worker(err: CorruptImageError) -> CorruptImageError:
 
 
 @dataclass
-class ImageNetDataConfig(DataConfig):
+class ImageNetDataConfig(ImageNetFoldersConfig):
     """``data=imagenet`` (torchvision ``ImageFolder`` over ``root/train`` and ``root/val``).
 
+    The options shared with ``data=imagenet_dali`` are documented in `ImageNetFoldersConfig`.
+
     Attributes:
-        image_size: crop size S (None = ``model.image_size``, else 224).
-        eval_resize: evaluation short-side resize (None = ceil(S / 0.875), 256 for 224).
-        min_crop_area: lower bound of the random-resized-crop area fraction (0.08 standard).
-        eval_batch_size: evaluation batch per rank (None = the training micro-batch).
-        skip_corrupt: skip undecodable images with a counted warning instead of stopping.
         prefetch_factor: batches prefetched per worker.
         pin_memory: page-locked host batches (None = when training on CUDA).
     """
 
     name: str = "imagenet"
-    num_workers: int = 8
-    image_size: int | None = None
-    eval_resize: int | None = None
-    min_crop_area: float = 0.08
-    eval_batch_size: int | None = None
-    skip_corrupt: bool = False
-    prefetch_factor: int = 4
+    num_workers: int = within(8, NON_NEGATIVE)
+    prefetch_factor: int = within(4, AT_LEAST_ONE)
     pin_memory: bool | None = None
 
 
@@ -113,11 +117,6 @@ def load_rgb(path: str | Path) -> Image.Image:
     with open(path, "rb") as f:
         image = Image.open(f)
         return image.convert("RGB")  # forces the full decode while the file is open
-
-
-def default_resize_size(image_size: int) -> int:
-    """The evaluation resize for a crop of ``image_size``: 256 for 224 (ratio 0.875)."""
-    return math.ceil(image_size / 0.875)
 
 
 def train_transform(image_size: int, min_crop_area: float = 0.08) -> v2.Compose:
@@ -223,20 +222,6 @@ def collate_skipping_none(batch: Sequence[Any]) -> Any:
     """``default_collate`` of the samples that are not ``None``; ``None`` if none is left."""
     kept = [sample for sample in batch if sample is not None]
     return default_collate(kept) if kept else None
-
-
-def check_imagenet_root(root: str | Path | None) -> tuple[Path, Path]:
-    """``(root/train, root/val)``; a one-line :class:`UserError` naming what is missing."""
-    if root is None or str(root) == "":
-        raise UserError("data.root is not set: pass data.root=/path/to/imagenet")
-    root_path = Path(os.path.expanduser(str(root)))
-    for split_dir in (root_path / "train", root_path / "val"):
-        if not split_dir.is_dir():
-            raise UserError(
-                f"ImageNet folder {str(split_dir)!r} not found: set data.root=/path/to/imagenet "
-                "(a folder with train/<wnid>/ and val/<wnid>/; see scripts/prepare_imagenet.py)"
-            )
-    return root_path / "train", root_path / "val"
 
 
 def _image_folder(split_dir: Path, transform: Any, **options: bool) -> CheckedImageFolder:
@@ -367,14 +352,6 @@ class ImageFolderEvalLoader:
 
     def __len__(self) -> int:
         return len(self.loader)
-
-
-def resolve_image_size(cfg_size: int | None, ctx: BuildContext) -> int:
-    """``data.image_size``, else the model's ``image_size`` when it has one, else 224."""
-    if cfg_size is not None:
-        return cfg_size
-    model_size = getattr(ctx.config.model, "image_size", None)
-    return int(model_size) if model_size is not None else 224
 
 
 @DATA.register("imagenet", schema=ImageNetDataConfig)

@@ -31,12 +31,13 @@ from typing import Any
 
 import torch
 
-from kfac_train.config import DataConfig
+from kfac_train.config import AT_LEAST_ONE, one_of, within
 from kfac_train.data.base import DataBundle
-from kfac_train.data.imagenet import (
+from kfac_train.data.imagenet_common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CorruptImageError,
+    ImageNetFoldersConfig,
     check_imagenet_root,
     default_resize_size,
     resolve_image_size,
@@ -48,32 +49,25 @@ DECODERS = ("cpu", "mixed")
 
 
 @dataclass
-class ImageNetDALIDataConfig(DataConfig):
+class ImageNetDALIDataConfig(ImageNetFoldersConfig):
     """``data=imagenet_dali``: the ImageNet folders through an NVIDIA DALI pipeline.
+
+    The options shared with ``data=imagenet`` are documented in `ImageNetFoldersConfig`
+    (``skip_corrupt`` must stay false: DALI aborts on an undecodable file).
 
     Attributes:
         decoder: "mixed" (nvJPEG on the GPU; needs CUDA) or "cpu".
         num_threads: DALI CPU threads per rank.
-        image_size: crop size S (None = ``model.image_size``, else 224).
-        eval_resize: evaluation short-side resize (None = ceil(S / 0.875), 256 for 224).
-        min_crop_area: lower bound of the random-resized-crop area fraction (0.08 standard).
-        eval_batch_size: evaluation batch per rank (None = the training micro-batch).
         channels_last: write NHWC (returned as channels-last NCHW views); None =
             ``trainer.channels_last``.
-        skip_corrupt: not supported by DALI (it aborts on an undecodable file); must be false.
         prefetch_queue_depth: batches DALI prepares ahead.
     """
 
     name: str = "imagenet_dali"
-    decoder: str = "mixed"
-    num_threads: int = 4
-    image_size: int | None = None
-    eval_resize: int | None = None
-    min_crop_area: float = 0.08
-    eval_batch_size: int | None = None
+    decoder: str = one_of("mixed", DECODERS)
+    num_threads: int = within(4, AT_LEAST_ONE)
     channels_last: bool | None = None
-    skip_corrupt: bool = False
-    prefetch_queue_depth: int = 2
+    prefetch_queue_depth: int = within(2, AT_LEAST_ONE)
 
 
 _DALI_INSTALL_HINT = (

@@ -279,7 +279,7 @@ class LggDataConfig(DataConfig):
 
 @DATA.register("lgg", schema=LggDataConfig)
 def build_lgg(cfg: LggDataConfig, ctx: BuildContext) -> DataBundle:
-    """Sharded loaders of ``(images, masks, volumes)``; tells the task the validation volumes."""
+    """Sharded loaders of ``(images, masks, volumes)`` and the number of validation volumes."""
     from kfac_train.tasks.segmentation import SegmentationTask
 
     if not isinstance(ctx.task, SegmentationTask):
@@ -302,9 +302,9 @@ def build_lgg(cfg: LggDataConfig, ctx: BuildContext) -> DataBundle:
         rotate=cfg.rotate,
     )
     val = LggSlices(val_volumes, image_size=image_size)
-    ctx.task.set_eval_volumes(val.num_volumes)
     return DataBundle(
         train=make_train_loader(train, ctx, num_workers=cfg.num_workers),
         eval=make_eval_loader(val, ctx, num_workers=cfg.num_workers),
         num_train_samples=len(train),
+        eval_info={"num_eval_volumes": val.num_volumes},
     )

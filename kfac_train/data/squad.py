@@ -56,14 +56,16 @@ def read_squad_file(path: str | Path) -> datasets.Dataset:
             context = paragraph["context"]
             for qa in paragraph["qas"]:
                 answers = qa.get("answers", [])
-                rows.append({
-                    "id": str(qa["id"]),
-                    "title": article.get("title", ""),
-                    "context": context,
-                    "question": qa["question"],
-                    "answer_texts": [a["text"] for a in answers],
-                    "answer_starts": [int(a["answer_start"]) for a in answers],
-                })
+                rows.append(
+                    {
+                        "id": str(qa["id"]),
+                        "title": article.get("title", ""),
+                        "context": context,
+                        "question": qa["question"],
+                        "answer_texts": [a["text"] for a in answers],
+                        "answer_starts": [int(a["answer_start"]) for a in answers],
+                    }
+                )
     if not rows:
         raise UserError(f"no questions in {p}; give a SQuAD v1.1 file")
     return datasets.Dataset.from_list(rows)
@@ -84,8 +86,11 @@ def _truncate_questions(
 
 
 def _encode(
-    batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase, max_seq_length: int,
-    doc_stride: int, max_query_length: int,
+    batch: dict[str, list[Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_length: int,
+    doc_stride: int,
+    max_query_length: int,
 ) -> Any:
     return tokenizer(
         _truncate_questions(batch["question"], tokenizer, max_query_length),
@@ -100,8 +105,12 @@ def _encode(
 
 
 def train_features(
-    batch: dict[str, list[Any]], *, tokenizer: PreTrainedTokenizerBase, max_seq_length: int,
-    doc_stride: int, max_query_length: int,
+    batch: dict[str, list[Any]],
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_length: int,
+    doc_stride: int,
+    max_query_length: int,
 ) -> dict[str, list[Any]]:
     """``datasets.map`` function: questions → training windows with target token spans.
 
@@ -135,8 +144,12 @@ def train_features(
 
 
 def eval_features(
-    batch: dict[str, list[Any]], *, tokenizer: PreTrainedTokenizerBase, max_seq_length: int,
-    doc_stride: int, max_query_length: int,
+    batch: dict[str, list[Any]],
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_length: int,
+    doc_stride: int,
+    max_query_length: int,
 ) -> dict[str, list[Any]]:
     """``datasets.map`` function: questions → evaluation windows.
 
@@ -154,9 +167,9 @@ def eval_features(
         contexts.append(batch["context"][example])
         answers.append(batch["answer_texts"][example])
         sequence_ids = enc.sequence_ids(i)
-        context_offsets.append([
-            list(o) if s == 1 else [-1, -1] for o, s in zip(offsets, sequence_ids, strict=True)
-        ])
+        context_offsets.append(
+            [list(o) if s == 1 else [-1, -1] for o, s in zip(offsets, sequence_ids, strict=True)]
+        )
     return {
         "input_ids": enc["input_ids"],
         "token_type_ids": enc["token_type_ids"],
@@ -169,8 +182,13 @@ def eval_features(
 
 
 def build_features(
-    examples: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, *, training: bool,
-    max_seq_length: int = 384, doc_stride: int = 128, max_query_length: int = 64,
+    examples: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    training: bool,
+    max_seq_length: int = 384,
+    doc_stride: int = 128,
+    max_query_length: int = 64,
     num_proc: int | None = None,
 ) -> datasets.Dataset:
     """Windowed features of ``examples`` (see :func:`train_features`, :func:`eval_features`)."""
@@ -181,9 +199,16 @@ def build_features(
         )
     fn = train_features if training else eval_features
     return examples.map(
-        fn, batched=True, remove_columns=examples.column_names, num_proc=num_proc,
-        fn_kwargs={"tokenizer": tokenizer, "max_seq_length": max_seq_length,
-                   "doc_stride": doc_stride, "max_query_length": max_query_length},
+        fn,
+        batched=True,
+        remove_columns=examples.column_names,
+        num_proc=num_proc,
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "max_seq_length": max_seq_length,
+            "doc_stride": doc_stride,
+            "max_query_length": max_query_length,
+        },
         desc="SQuAD features",
     )
 
@@ -256,8 +281,13 @@ def decode_predictions(
     predictions: dict[str, str] = {}
     for example in examples:
         spans = [
-            best_span(start_logits[i], end_logits[i], all_offsets[i], n_best=n_best,
-                      max_answer_length=max_answer_length)
+            best_span(
+                start_logits[i],
+                end_logits[i],
+                all_offsets[i],
+                n_best=n_best,
+                max_answer_length=max_answer_length,
+            )
             for i in by_example.get(example["id"], [])
         ]
         found = [span for span in spans if span is not None]

@@ -72,9 +72,7 @@ def load_bert_tokenizer(vocab_file: str | Path, *, lowercase: bool = True) -> Be
 
     path = Path(vocab_file)
     if not path.is_file():
-        raise UserError(
-            f"vocab file not found: {path}; train one with scripts/build_vocab.py"
-        )
+        raise UserError(f"vocab file not found: {path}; train one with scripts/build_vocab.py")
     tokenizer = BertTokenizer(vocab=str(path), do_lower_case=lowercase)
     expected = count_vocab_lines(path)
     if len(tokenizer) != expected:

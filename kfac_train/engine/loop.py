@@ -217,7 +217,9 @@ class Trainer:
         if len(rng_states) != self.p.dist.world_size:
             log.warning(
                 "checkpoint %s was written by %d ranks, this run has %d: random streams differ",
-                path, len(rng_states), self.p.dist.world_size,
+                path,
+                len(rng_states),
+                self.p.dist.world_size,
             )
         restore_rng(rng_states[self.p.dist.rank % len(rng_states)])
         self.last_checkpoint = path
@@ -248,9 +250,7 @@ class Trainer:
                         self._next_epoch()
                         break
                     self._train_step(micro_batches)
-                    epoch_done = (
-                        self.position.batches + p.plan.accumulation_steps > micro_per_epoch
-                    )
+                    epoch_done = self.position.batches + p.plan.accumulation_steps > micro_per_epoch
                     if epoch_done:
                         self._next_epoch()
                     self.position.elapsed = time.perf_counter() - start
@@ -451,14 +451,16 @@ class Trainer:
         metrics = self.evaluate()
         self._last_eval_step = self.position.step
         self.last_metrics = metrics
-        self._emit({
-            "kind": "eval",
-            "step": self.position.step,
-            "epoch": self._epoch_float(),
-            "samples": self.position.samples,
-            "metrics": metrics,
-            "eval_time": time.perf_counter() - started,
-        })
+        self._emit(
+            {
+                "kind": "eval",
+                "step": self.position.step,
+                "epoch": self._epoch_float(),
+                "samples": self.position.samples,
+                "metrics": metrics,
+                "eval_time": time.perf_counter() - started,
+            }
+        )
         return self._check_target(metrics, start)
 
     def _check_target(self, metrics: dict[str, float], start: float) -> bool:
@@ -473,8 +475,10 @@ class Trainer:
         if trainer.target_value is None:
             raise UserError("trainer.target_metric is set but trainer.target_value is not")
         value = metrics[trainer.target_metric]
-        reached = value >= trainer.target_value if trainer.target_mode == "max" else (
-            value <= trainer.target_value
+        reached = (
+            value >= trainer.target_value
+            if trainer.target_mode == "max"
+            else (value <= trainer.target_value)
         )
         if not reached:
             return False

@@ -8,9 +8,8 @@ from contextlib import AbstractContextManager
 
 import torch
 
+from kfac_train.config import PRECISIONS
 from kfac_train.errors import UserError
-
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def autocast_factory(precision: str, device: torch.device) -> Callable[[], AbstractContextManager]:

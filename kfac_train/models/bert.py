@@ -41,12 +41,24 @@ if TYPE_CHECKING:
     from transformers import BertConfig, BertForQuestionAnswering
 
 BERT_SIZES: dict[str, dict[str, int]] = {
-    "bert_tiny": {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 2,
-                  "intermediate_size": 512},
-    "bert_base": {"num_hidden_layers": 12, "hidden_size": 768, "num_attention_heads": 12,
-                  "intermediate_size": 3072},
-    "bert_large": {"num_hidden_layers": 24, "hidden_size": 1024, "num_attention_heads": 16,
-                   "intermediate_size": 4096},
+    "bert_tiny": {
+        "num_hidden_layers": 2,
+        "hidden_size": 128,
+        "num_attention_heads": 2,
+        "intermediate_size": 512,
+    },
+    "bert_base": {
+        "num_hidden_layers": 12,
+        "hidden_size": 768,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+    },
+    "bert_large": {
+        "num_hidden_layers": 24,
+        "hidden_size": 1024,
+        "num_attention_heads": 16,
+        "intermediate_size": 4096,
+    },
 }
 
 UNCASED_VOCAB_SIZE = 30522
@@ -160,8 +172,9 @@ def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
         bin_file = p / "pytorch_model.bin"
         if bin_file.is_file():
             return torch.load(bin_file, map_location="cpu", weights_only=True)
-        raise UserError(f"model.weights={path} holds neither model.safetensors nor "
-                        "pytorch_model.bin")
+        raise UserError(
+            f"model.weights={path} holds neither model.safetensors nor pytorch_model.bin"
+        )
     if not p.is_file():
         raise UserError(
             f"model.weights={path} does not exist: give a checkpoint file or a "
@@ -207,31 +220,50 @@ def _load_into(
 
 
 def build_bert_pretraining(
-    size: str, vocab_size: int, *, init_from: str | Path | None = None,
-    state: dict[str, torch.Tensor] | None = None, dropout: float = 0.1,
-    pad_vocab_to_multiple_of: int = 8, attn_implementation: str = "sdpa",
+    size: str,
+    vocab_size: int,
+    *,
+    init_from: str | Path | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+    dropout: float = 0.1,
+    pad_vocab_to_multiple_of: int = 8,
+    attn_implementation: str = "sdpa",
 ) -> nn.Module:
     """A randomly initialised BERT for pretraining, or one loaded from ``init_from``.
 
     ``state``: the already loaded weights of ``init_from`` (saves reading a large file twice).
     """
-    config = bert_config(size, vocab_size, dropout=dropout,
-                         pad_vocab_to_multiple_of=pad_vocab_to_multiple_of,
-                         attn_implementation=attn_implementation)
+    config = bert_config(
+        size,
+        vocab_size,
+        dropout=dropout,
+        pad_vocab_to_multiple_of=pad_vocab_to_multiple_of,
+        attn_implementation=attn_implementation,
+    )
     model = pretraining_model_class()(config)
     if init_from:
         state = load_model_state(init_from) if state is None else state
         # The decoder weight is tied to the word embeddings; a state dict may omit it.
-        _load_into(model, state, may_miss=("cls.predictions.decoder.weight",), may_drop=(),
-                   source=init_from)
+        _load_into(
+            model,
+            state,
+            may_miss=("cls.predictions.decoder.weight",),
+            may_drop=(),
+            source=init_from,
+        )
         model.tie_weights()
     return model
 
 
 def build_bert_question_answering(
-    size: str, vocab_size: int, *, init_from: str | Path | None = None,
-    state: dict[str, torch.Tensor] | None = None, dropout: float = 0.1,
-    pad_vocab_to_multiple_of: int = 8, attn_implementation: str = "sdpa",
+    size: str,
+    vocab_size: int,
+    *,
+    init_from: str | Path | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+    dropout: float = 0.1,
+    pad_vocab_to_multiple_of: int = 8,
+    attn_implementation: str = "sdpa",
 ) -> BertForQuestionAnswering:
     """``BertForQuestionAnswering`` whose encoder comes from a pretraining checkpoint.
 
@@ -242,14 +274,23 @@ def build_bert_question_answering(
     """
     from transformers import BertForQuestionAnswering
 
-    config = bert_config(size, vocab_size, dropout=dropout,
-                         pad_vocab_to_multiple_of=pad_vocab_to_multiple_of,
-                         attn_implementation=attn_implementation)
+    config = bert_config(
+        size,
+        vocab_size,
+        dropout=dropout,
+        pad_vocab_to_multiple_of=pad_vocab_to_multiple_of,
+        attn_implementation=attn_implementation,
+    )
     model = BertForQuestionAnswering(config)
     if init_from:
         state = load_model_state(init_from) if state is None else state
-        _load_into(model, state, may_miss=("qa_outputs.",), may_drop=("cls.", "bert.pooler."),
-                   source=init_from)
+        _load_into(
+            model,
+            state,
+            may_miss=("qa_outputs.",),
+            may_drop=("cls.", "bert.pooler."),
+            source=init_from,
+        )
     return model
 
 

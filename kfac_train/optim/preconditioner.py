@@ -81,31 +81,18 @@ def build_preconditioner(
     accumulation_steps: int,
     grad_scaler: torch.amp.GradScaler | None,
 ) -> Preconditioner:
-    """`NoPreconditioner` for ``kind="none"``, K-FAC over `model` for ``kind="kfac"``."""
+    """`NoPreconditioner` for ``kind="none"``, K-FAC over `model` for ``kind="kfac"``.
+
+    The settings were validated with the config (`kfac_train.validation`); the library checks
+    its arguments again.
+    """
     if kind == "none":
         return NoPreconditioner()
     if kind != "kfac":
         raise UserError(f"optim.preconditioner={kind!r}: choose none or kfac")
     from kfac_train.kfac import KFACPreconditioner, MemoryBudgetError
 
-    if kfac.compute_method not in ("eigen", "inverse"):
-        raise UserError(f"kfac.compute_method={kfac.compute_method!r}: choose eigen or inverse")
-    if kfac.conv_factor not in ("patches", "spatial_mean"):
-        raise UserError(f"kfac.conv_factor={kfac.conv_factor!r}: choose patches or spatial_mean")
-    if kfac.batchnorm not in ("skip", "unit_wise"):
-        raise UserError(f"kfac.batchnorm={kfac.batchnorm!r}: choose skip or unit_wise")
-    if kfac.grad_scaling not in ("mean", "per_example"):
-        raise UserError(f"kfac.grad_scaling={kfac.grad_scaling!r}: choose mean or per_example")
-    fraction = strategy.grad_worker_fraction
     budget = _memory_budget_bytes(strategy)
-    if isinstance(fraction, str) and fraction not in ("comm-opt", "hybrid-opt", "mem-opt", "auto"):
-        try:
-            fraction = float(fraction)
-        except ValueError:
-            raise UserError(
-                f"strategy.grad_worker_fraction={fraction!r}: give a number in (0, 1] or "
-                "comm-opt, hybrid-opt, mem-opt, auto"
-            ) from None
     hyper = kfac_hyperparameter_schedules(kfac, schedule_unit, steps_per_epoch)
     scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
     try:
@@ -127,7 +114,7 @@ def build_preconditioner(
             inv_dtype=dtype_of(kfac.inv_dtype, "kfac.inv_dtype", kfac),
             skip_layers=tuple(kfac.skip_layers),
             grad_scaling=kfac.grad_scaling,
-            grad_worker_fraction=fraction,
+            grad_worker_fraction=strategy.grad_worker_fraction,
             memory_budget_bytes=budget,
             bucket_cap_mb=strategy.bucket_cap_mb,
             symmetry_aware=strategy.symmetry_aware,

@@ -13,9 +13,7 @@ from kfac_train.config import KFACConfig
 from kfac_train.schedules.lr import to_steps
 
 
-def stepped(
-    base: float, milestones: Sequence[float], factor: float
-) -> Callable[[int], float]:
+def stepped(base: float, milestones: Sequence[float], factor: float) -> Callable[[int], float]:
     """``base · factor ** (number of milestones <= step)``; milestones in steps."""
     ordered = sorted(milestones)
     return lambda step: base * factor ** bisect.bisect_right(ordered, step)

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from kfac_train.config import ModelConfig, TaskConfig
+from kfac_train.context import BuildContext
 from kfac_train.distributed import all_reduce_sum
 from kfac_train.errors import UserError
-from kfac_train.registry import BuildContext
 
 
 @dataclass
@@ -111,6 +111,15 @@ class Task(abc.ABC):
     def throughput_count(self, batch: Any) -> int:
         """How many `throughput_unit` a micro-batch holds (shapes only: no host sync)."""
         return self.batch_size(batch)
+
+    def set_eval_info(self, info: Mapping[str, Any]) -> None:
+        """Facts about the evaluation set from the data builder (`DataBundle.eval_info`).
+
+        Called once by the application after the data is built; tasks whose evaluator needs
+        more than the batches read their keys here (e.g. ``coco_ground_truth``,
+        ``num_eval_volumes``). The default ignores them.
+        """
+        del info
 
     @abc.abstractmethod
     def training_loss(self, model: nn.Module, batch: Any) -> LossOutput:

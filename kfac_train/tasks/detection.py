@@ -20,6 +20,7 @@ from the evaluation batches' targets.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,6 +132,11 @@ class DetectionTask(Task):
     def set_ground_truth(self, coco: Any) -> None:
         """Use this pycocotools ``COCO`` (the validation annotations) for evaluation."""
         self.ground_truth = coco
+
+    def set_eval_info(self, info: Mapping[str, Any]) -> None:
+        """``coco_ground_truth``: the validation annotations (data=coco); absent otherwise."""
+        if "coco_ground_truth" in info:
+            self.set_ground_truth(info["coco_ground_truth"])
 
     def batch_size(self, batch: Any) -> int:
         images, _ = batch

@@ -38,8 +38,9 @@ class MaskedLMConfig(TaskConfig):
 
 def pretraining_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Sums and counts of one batch: MLM/NSP summed losses, correct predictions, counts."""
-    out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                batch["labels"])
+    out = model(
+        batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch["labels"]
+    )
     mlm_logits, nsp_logits = out.mlm_logits.float(), out.nsp_logits.float()
     nsp_targets = batch["next_sentence_label"]
     return {
@@ -56,12 +57,14 @@ class MaskedLMEvaluator(SumEvaluator):
     """Held-out MLM/NSP loss and accuracy, summed over ranks."""
 
     def __init__(self) -> None:
-        super().__init__({
-            "mlm_loss": ("mlm_loss_sum", "mlm_count"),
-            "mlm_accuracy": ("mlm_correct", "mlm_count"),
-            "nsp_loss": ("nsp_loss_sum", "nsp_count"),
-            "nsp_accuracy": ("nsp_correct", "nsp_count"),
-        })
+        super().__init__(
+            {
+                "mlm_loss": ("mlm_loss_sum", "mlm_count"),
+                "mlm_accuracy": ("mlm_correct", "mlm_count"),
+                "nsp_loss": ("nsp_loss_sum", "nsp_count"),
+                "nsp_accuracy": ("nsp_correct", "nsp_count"),
+            }
+        )
 
     def update(self, model: nn.Module, batch: Any) -> None:
         for name, value in pretraining_losses(model, batch).items():
@@ -110,12 +113,18 @@ class MaskedLMTask(Task):
 
         vocab_size = getattr(model_cfg, "vocab_size", None) or UNCASED_VOCAB_SIZE
         ids = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-        special = SpecialTokenIds(pad=ids["[PAD]"], cls=ids["[CLS]"], sep=ids["[SEP]"],
-                                  mask=ids["[MASK]"], unk=ids["[UNK]"])
+        special = SpecialTokenIds(
+            pad=ids["[PAD]"],
+            cls=ids["[CLS]"],
+            sep=ids["[SEP]"],
+            mask=ids["[MASK]"],
+            unk=ids["[UNK]"],
+        )
         length = self.cfg.synthetic_seq_length
         half = (length - 3) // 2
-        words = torch.randint(len(SPECIAL_TOKENS), vocab_size, (batch_size, length - 3),
-                              generator=generator).tolist()
+        words = torch.randint(
+            len(SPECIAL_TOKENS), vocab_size, (batch_size, length - 3), generator=generator
+        ).tolist()
         labels = torch.randint(2, (batch_size,), generator=generator).tolist()
         examples = [
             {
@@ -126,7 +135,10 @@ class MaskedLMTask(Task):
             for w, label in zip(words, labels, strict=True)
         ]
         collator = MaskedLMCollator(
-            vocab_size=vocab_size, special=special, max_seq_length=length,
-            max_predictions=self.cfg.synthetic_max_predictions, generator=generator,
+            vocab_size=vocab_size,
+            special=special,
+            max_seq_length=length,
+            max_predictions=self.cfg.synthetic_max_predictions,
+            generator=generator,
         )
         return collator(examples)

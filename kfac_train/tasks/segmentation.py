@@ -13,6 +13,7 @@ component; ``dice_all_components``, the same without that reduction (every predi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,11 @@ class SegmentationTask(Task):
     def set_eval_volumes(self, num_volumes: int) -> None:
         """Number of volumes in the evaluation set (volume indices are 0..num_volumes-1)."""
         self.num_eval_volumes = num_volumes
+
+    def set_eval_info(self, info: Mapping[str, Any]) -> None:
+        """``num_eval_volumes``: volumes in the evaluation set (data=lgg); absent otherwise."""
+        if "num_eval_volumes" in info:
+            self.set_eval_volumes(int(info["num_eval_volumes"]))
 
     def training_loss(self, model: nn.Module, batch: Any) -> LossOutput:
         images, masks = batch[:2]

@@ -51,10 +51,15 @@ class SquadEvaluator(Evaluator):
         ends = out.end_logits.float().cpu().numpy()
         for i, qid in enumerate(batch.example_ids):
             self.truths[qid] = list(batch.answers[i])
-            span = best_span(starts[i], ends[i], batch.context_offsets[i], n_best=self.n_best,
-                             max_answer_length=self.max_answer_length)
+            span = best_span(
+                starts[i],
+                ends[i],
+                batch.context_offsets[i],
+                n_best=self.n_best,
+                max_answer_length=self.max_answer_length,
+            )
             if span is not None and (qid not in self.best or span[0] > self.best[qid][0]):
-                self.best[qid] = (span[0], batch.contexts[i][span[1]:span[2]])
+                self.best[qid] = (span[0], batch.contexts[i][span[1] : span[2]])
 
     def compute(self) -> dict[str, float]:
         best: dict[str, tuple[float, str]] = {}

@@ -77,5 +77,8 @@ def squad_scores(
         em_total += _best(exact_match, predictions[qid], truths)
         f1_total += _best(f1, predictions[qid], truths)
     n = len(ground_truths)
-    return {"exact_match": 100.0 * em_total / n, "f1": 100.0 * f1_total / n,
-            "num_questions": float(n)}
+    return {
+        "exact_match": 100.0 * em_total / n,
+        "f1": 100.0 * f1_total / n,
+        "num_questions": float(n),
+    }

@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from kfac_train.config import register_configs
+from kfac_train.hydra_setup import register_configs
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"

@@ -28,9 +28,18 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.C
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     processes = {
         name: subprocess.Popen(
-            [sys.executable, str(REPO / "train.py"), *FAST,
-             *(a.format(tmp=tmp) for a in args), f"hydra.run.dir={tmp / name}"],
-            cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                str(REPO / "train.py"),
+                *FAST,
+                *(a.format(tmp=tmp) for a in args),
+                f"hydra.run.dir={tmp / name}",
+            ],
+            cwd=tmp,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for name, args in CASES.items()
     }

@@ -36,8 +36,9 @@ def options(group: str) -> list[str]:
 
 def context(config: RunConfig) -> BuildContext:
     plan = plan_batches(config.batch.size, config.trainer.micro_batch, 1)
-    return BuildContext(config, DistInfo(0, 1, 0, torch.device("cpu")), plan.micro_batch,
-                        plan.accumulation_steps)
+    return BuildContext(
+        config, DistInfo(0, 1, 0, torch.device("cpu")), plan.micro_batch, plan.accumulation_steps
+    )
 
 
 def tiny_model() -> nn.Module:
@@ -77,7 +78,7 @@ def check_task(config: RunConfig) -> None:
 
 def check_data(config: RunConfig) -> None:
     ctx = context(config)
-    ctx.task = TASKS.build(config.task.name, config.task, ctx)
+    ctx = ctx.with_task(TASKS.build(config.task.name, config.task, ctx))
     try:
         bundle = DATA.build(config.data.name, config.data, ctx)
     except UserError as error:  # data that must be on disk: one line naming what to set
@@ -91,9 +92,15 @@ def check_optim(config: RunConfig) -> None:
     optimizer = build_optimizer(model, config.optim)
     assert optimizer.param_groups[0]["lr"] == config.optim.lr
     preconditioner = build_preconditioner(
-        config.optim.preconditioner, model, optimizer, kfac=config.kfac,
-        strategy=config.strategy, schedule_unit="epoch", steps_per_epoch=10,
-        accumulation_steps=1, grad_scaler=None,
+        config.optim.preconditioner,
+        model,
+        optimizer,
+        kfac=config.kfac,
+        strategy=config.strategy,
+        schedule_unit="epoch",
+        steps_per_epoch=10,
+        accumulation_steps=1,
+        grad_scaler=None,
     )
     is_kfac = config.optim.preconditioner == "kfac"
     assert isinstance(preconditioner, NoPreconditioner) != is_kfac
@@ -110,8 +117,15 @@ def check_strategy(config: RunConfig) -> None:
     model = tiny_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     preconditioner = build_preconditioner(
-        "kfac", model, optimizer, kfac=config.kfac, strategy=config.strategy,
-        schedule_unit="epoch", steps_per_epoch=10, accumulation_steps=1, grad_scaler=None,
+        "kfac",
+        model,
+        optimizer,
+        kfac=config.kfac,
+        strategy=config.strategy,
+        schedule_unit="epoch",
+        steps_per_epoch=10,
+        accumulation_steps=1,
+        grad_scaler=None,
     )
     assert len(preconditioner.layer_names) == 2
 
@@ -119,8 +133,17 @@ def check_strategy(config: RunConfig) -> None:
 def check_logger(config: RunConfig, tmp_path: Path) -> None:
     loggers = LOGGERS.build(config.logger.name, config.logger, str(tmp_path), {"seed": 0}, 10)
     for logger in loggers:
-        logger.log({"kind": "train", "step": 1, "epoch": 0.1, "samples": 8, "lr": 0.1,
-                    "loss": 1.0, "metrics": {}})
+        logger.log(
+            {
+                "kind": "train",
+                "step": 1,
+                "epoch": 0.1,
+                "samples": 8,
+                "lr": 0.1,
+                "loss": 1.0,
+                "metrics": {},
+            }
+        )
         logger.close({"status": "completed"})
     if config.logger.name == "wandb":
         assert list(tmp_path.rglob("offline-run-*")), "an offline W&B run was written"
@@ -149,8 +172,13 @@ def test_every_option_composes_validates_and_builds(group, option, tmp_path, mon
     elif group == "model":
         check_model(config)
     else:
-        check = {"task": check_task, "data": check_data, "optim": check_optim,
-                 "schedule": check_schedule, "strategy": check_strategy}.get(group)
+        check = {
+            "task": check_task,
+            "data": check_data,
+            "optim": check_optim,
+            "schedule": check_schedule,
+            "strategy": check_strategy,
+        }.get(group)
         if group == "logger":
             check_logger(config, tmp_path)
         elif check is not None:
@@ -159,8 +187,14 @@ def test_every_option_composes_validates_and_builds(group, option, tmp_path, mon
 
 def test_the_config_groups_mirror_the_package_folders():
     package = CONF.parent / "kfac_train"
-    folders = {"model": "models", "data": "data", "task": "tasks", "optim": "optim",
-               "schedule": "schedules", "logger": "loggers"}
+    folders = {
+        "model": "models",
+        "data": "data",
+        "task": "tasks",
+        "optim": "optim",
+        "schedule": "schedules",
+        "logger": "loggers",
+    }
     for group, folder in folders.items():
         assert (CONF / group).is_dir() and (package / folder).is_dir(), group
 

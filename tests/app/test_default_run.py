@@ -14,7 +14,9 @@ from .conftest import FAST, compose_config
 def test_the_default_run_reaches_97_percent_test_accuracy_and_writes_its_outputs(tmp_path: Path):
     cfg = compose_config([*FAST, f"output_dir={tmp_path}"])
     assert (cfg.model.name, cfg.data.name, cfg.optim.preconditioner) == (
-        "small_cnn", "digits", "kfac"
+        "small_cnn",
+        "digits",
+        "kfac",
     )
     summary = train(cfg)
 

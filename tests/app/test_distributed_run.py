@@ -19,8 +19,13 @@ from .conftest import FAST, REPO, compose_config
 # No BatchNorm, no augmentation: then 2 ranks x micro-batch 32 and 1 process x 2 accumulated
 # micro-batches of 32 see the same 64 samples per step and compute the same update.
 RUN = [
-    *FAST, "trainer.max_steps=12", "trainer.log_every=4", "trainer.micro_batch=32",
-    "model.batch_norm=false", "data.shift=0", "kfac.factor_update_steps=1",
+    *FAST,
+    "trainer.max_steps=12",
+    "trainer.log_every=4",
+    "trainer.micro_batch=32",
+    "model.batch_norm=false",
+    "data.shift=0",
+    "kfac.factor_update_steps=1",
     "kfac.inv_update_steps=4",
 ]
 
@@ -30,9 +35,21 @@ def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("torchrun") / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(REPO / "train.py"), *RUN, f"hydra.run.dir={run_dir}"],
-        cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=400,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "train.py"),
+            *RUN,
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=run_dir.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return run_dir

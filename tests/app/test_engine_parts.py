@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from kfac_train.config import KFACConfig, ScheduleConfig, launch_run_id
+from kfac_train.config import KFACConfig, ScheduleConfig
 from kfac_train.data.base import ResumableDistributedSampler, ShardSampler, require_dir
 from kfac_train.distributed import expand_nodelist, launcher_env
 from kfac_train.engine.batching import plan_batches
@@ -21,6 +21,7 @@ from kfac_train.engine.checkpoint import (
     save_atomic,
 )
 from kfac_train.errors import UserError
+from kfac_train.hydra_setup import launch_run_id
 from kfac_train.schedules.controller import ScheduleController
 from kfac_train.schedules.kfac_hparams import kfac_hyperparameter_schedules
 from kfac_train.schedules.lr import lr_multiplier
@@ -45,23 +46,32 @@ def schedule(**fields) -> ScheduleConfig:
 
 
 def test_warmup_rises_linearly_then_multistep_divides_at_milestones():
-    f = lr_multiplier(schedule(name="multistep", unit="step", warmup=4, milestones=[10, 20],
-                               gamma=0.1), total_steps=30, steps_per_epoch=5)
+    f = lr_multiplier(
+        schedule(name="multistep", unit="step", warmup=4, milestones=[10, 20], gamma=0.1),
+        total_steps=30,
+        steps_per_epoch=5,
+    )
     assert [f(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert f(9) == 1.0 and f(10) == pytest.approx(0.1) and f(25) == pytest.approx(0.01)
 
 
 def test_osawa_poly_decay_is_constant_then_polynomial_in_epochs():
-    f = lr_multiplier(schedule(name="poly", unit="epoch", decay_start=1, decay_end=3, power=2),
-                      total_steps=100, steps_per_epoch=10)
+    f = lr_multiplier(
+        schedule(name="poly", unit="epoch", decay_start=1, decay_end=3, power=2),
+        total_steps=100,
+        steps_per_epoch=10,
+    )
     assert f(0) == f(10) == 1.0
     assert f(20) == pytest.approx(0.25)  # halfway: (1 - 1/2) ** 2
     assert f(30) == 0.0 and f(99) == 0.0
 
 
 def test_cosine_decays_from_the_end_of_warmup_to_the_final_factor():
-    f = lr_multiplier(schedule(name="cosine", unit="step", warmup=10, final_factor=0.1),
-                      total_steps=110, steps_per_epoch=1)
+    f = lr_multiplier(
+        schedule(name="cosine", unit="step", warmup=10, final_factor=0.1),
+        total_steps=110,
+        steps_per_epoch=1,
+    )
     assert f(9) == 1.0
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)
     assert f(110) == pytest.approx(0.1)
@@ -77,10 +87,17 @@ def test_tied_momentum_follows_the_learning_rate():
 
 def test_kfac_damping_and_intervals_follow_their_milestones():
     hyper = kfac_hyperparameter_schedules(
-        KFACConfig(damping=0.01, damping_milestones=[1], damping_gamma=0.5,
-                   factor_update_steps=10, inv_update_steps=100, interval_milestones=[2],
-                   interval_factor=10),
-        unit="epoch", steps_per_epoch=50,
+        KFACConfig(
+            damping=0.01,
+            damping_milestones=[1],
+            damping_gamma=0.5,
+            factor_update_steps=10,
+            inv_update_steps=100,
+            interval_milestones=[2],
+            interval_factor=10,
+        ),
+        unit="epoch",
+        steps_per_epoch=50,
     )
     assert hyper["damping"](49) == 0.01 and hyper["damping"](50) == 0.005
     assert hyper["inv_update_steps"](99) == 100 and hyper["inv_update_steps"](100) == 1000
@@ -94,8 +111,10 @@ def test_a_decay_that_ends_before_it_starts_is_a_user_error():
 
 # ------------------------------------------------------------------------ samplers
 def test_training_shards_partition_each_epoch_and_reshuffle_between_epochs():
-    shards = [ResumableDistributedSampler(103, rank=r, world_size=2, micro_batch=8, seed=1)
-              for r in range(2)]
+    shards = [
+        ResumableDistributedSampler(103, rank=r, world_size=2, micro_batch=8, seed=1)
+        for r in range(2)
+    ]
     for shard in shards:
         shard.set_epoch(0)
     epoch0 = [list(s) for s in shards]
@@ -160,12 +179,28 @@ def test_slurm_node_lists_are_expanded(nodelist, hosts):
 
 
 def test_srun_tasks_find_rank_world_and_the_master_host():
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
-           "SLURM_JOB_NODELIST": "gpu[12-13]", "SLURM_JOB_ID": "4321"}
-    assert launcher_env(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
-                                 "MASTER_ADDR": "gpu12", "MASTER_PORT": str(29500 + 321)}
-    torchrun = {**env, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
-                "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_NODELIST": "gpu[12-13]",
+        "SLURM_JOB_ID": "4321",
+    }
+    assert launcher_env(env) == {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "gpu12",
+        "MASTER_PORT": str(29500 + 321),
+    }
+    torchrun = {
+        **env,
+        "RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "h",
+        "MASTER_PORT": "1",
+    }
     assert launcher_env(torchrun)["WORLD_SIZE"] == "2"  # torchrun inside srun wins
     assert launcher_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None
     assert launcher_env({}) is None
@@ -186,8 +221,18 @@ def test_without_a_terminal_progress_is_printed_as_plain_lines(caplog):
     logger = ConsoleLogger("auto", total_steps=100)  # pytest captures stderr: not a TTY
     assert logger.mode == "lines" and logger.bar is None
     with caplog.at_level("INFO", logger="kfac_train"):
-        logger.log({"kind": "train", "step": 20, "total_steps": 100, "epoch": 0.5,
-                    "loss": 0.25, "lr": 0.1, "metrics": {"top1": 0.9}, "step_time": 0.01})
+        logger.log(
+            {
+                "kind": "train",
+                "step": 20,
+                "total_steps": 100,
+                "epoch": 0.5,
+                "loss": 0.25,
+                "lr": 0.1,
+                "metrics": {"top1": 0.9},
+                "step_time": 0.01,
+            }
+        )
     assert "step 20/100 | epoch 0.50 | loss 0.25 | lr 0.1 | top1 0.9" in caplog.text
 
 

@@ -24,4 +24,3 @@ def test_a_two_job_sweep_writes_one_run_directory_per_job(tmp_path: Path):
         config = (run / "config.yaml").read_text()
         learning_rates.append(next(line for line in config.splitlines() if "  lr:" in line))
     assert learning_rates == ["  lr: 0.05", "  lr: 0.1"]
-

@@ -41,7 +41,11 @@ def test_a_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *RUN, f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     wait_for_step(run_dir / "metrics.jsonl", 20, process, timeout=240)
     process.send_signal(signal.SIGTERM)
@@ -66,6 +70,8 @@ def test_a_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path):
     original_log = read_metrics(tmp_path / "a" / "metrics.jsonl")
     train_steps = [r["step"] for r in resumed_log if r["kind"] == "train"]
     assert train_steps == sorted(set(train_steps))
-    evaluations = [[(r["step"], r["metrics"]) for r in log if r["kind"] == "eval"]
-                   for log in (resumed_log, original_log)]
+    evaluations = [
+        [(r["step"], r["metrics"]) for r in log if r["kind"] == "eval"]
+        for log in (resumed_log, original_log)
+    ]
     assert evaluations[0] == evaluations[1]

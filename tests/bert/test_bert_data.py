@@ -90,16 +90,23 @@ def test_data_prepared_for_another_sequence_length_is_refused(demo_data) -> None
 
 def test_preparing_reads_many_files_and_holds_whole_documents_out(tmp_path, demo_data) -> None:
     # Document d says "document <100 + d>" in each of its sentences; sentence numbers stay < 10.
-    docs = [[f"Document {100 + d} sentence {s} is about the assignment of names." for s in range(6)]
-            for d in range(20)]
+    docs = [
+        [f"Document {100 + d} sentence {s} is about the assignment of names." for s in range(6)]
+        for d in range(20)
+    ]
     files = []
     for part in range(2):
         path = tmp_path / f"part{part}.txt"
         path.write_text("\n\n".join("\n".join(d) for d in docs[part::2]) + "\n")
         files.append(path)
-    meta = prepare_pretraining_data(files, demo_data / "vocab.txt", tmp_path / "out",
-                                    settings=PairSettings(max_seq_length=32),
-                                    validation_fraction=0.1, cache_dir=tmp_path / "cache")
+    meta = prepare_pretraining_data(
+        files,
+        demo_data / "vocab.txt",
+        tmp_path / "out",
+        settings=PairSettings(max_seq_length=32),
+        validation_fraction=0.1,
+        cache_dir=tmp_path / "cache",
+    )
     assert meta["num_documents"] == {"train": 18, "validation": 2}
     tokenizer = load_bert_tokenizer(tmp_path / "out" / "vocab.txt")
     numbers = {}
@@ -114,8 +121,10 @@ def test_preparing_reads_many_files_and_holds_whole_documents_out(tmp_path, demo
 def collate_demo(demo_data, demo_tokenizer, num_batches: int = 20):
     dataset = load_pretraining_split(demo_data, "train", max_seq_length=128)
     collator = MaskedLMCollator(
-        vocab_size=len(demo_tokenizer), special=SpecialTokenIds.from_tokenizer(demo_tokenizer),
-        max_seq_length=128, max_predictions=MAX_PREDICTIONS,
+        vocab_size=len(demo_tokenizer),
+        special=SpecialTokenIds.from_tokenizer(demo_tokenizer),
+        max_seq_length=128,
+        max_predictions=MAX_PREDICTIONS,
         generator=torch.Generator().manual_seed(0),
     )
     batches = []
@@ -147,8 +156,9 @@ def test_masking_follows_the_15_percent_and_80_10_10_rules(demo_data, demo_token
         maskable += int((~is_special).sum(1).clamp(max=MAX_PREDICTIONS / 0.15).sum())
         as_mask += int((inputs[target] == special.mask).sum())
         as_kept += int((inputs[target] == original[target]).sum())
-        as_random += int(((inputs[target] != special.mask) & (inputs[target] != original[target]))
-                         .sum())
+        as_random += int(
+            ((inputs[target] != special.mask) & (inputs[target] != original[target])).sum()
+        )
         assert torch.equal(batch["attention_mask"], (original != special.pad).long())
     assert chosen / maskable == pytest.approx(0.15, abs=0.01)
     assert as_mask / chosen == pytest.approx(0.8, abs=0.03)
@@ -168,13 +178,20 @@ def test_max_predictions_caps_long_sequences(demo_data, demo_tokenizer) -> None:
 def test_random_replacements_never_insert_special_tokens(demo_tokenizer) -> None:
     special = SpecialTokenIds.from_tokenizer(demo_tokenizer)
     collator = MaskedLMCollator(
-        vocab_size=len(demo_tokenizer), special=special, max_seq_length=16, max_predictions=14,
-        mask_prob=1.0, mask_token_prob=0.0, random_token_prob=1.0,
+        vocab_size=len(demo_tokenizer),
+        special=special,
+        max_seq_length=16,
+        max_predictions=14,
+        mask_prob=1.0,
+        mask_token_prob=0.0,
+        random_token_prob=1.0,
         generator=torch.Generator().manual_seed(0),
     )
-    example = {"input_ids": [special.cls, *range(100, 107), special.sep, *range(200, 205),
-                             special.sep], "token_type_ids": [0] * 9 + [1] * 6,
-               "next_sentence_label": 1}
+    example = {
+        "input_ids": [special.cls, *range(100, 107), special.sep, *range(200, 205), special.sep],
+        "token_type_ids": [0] * 9 + [1] * 6,
+        "next_sentence_label": 1,
+    }
     batch = collator([example] * 64)
     replaced = batch["input_ids"][batch["labels"] != IGNORE_INDEX]
     assert replaced.numel() == 64 * 12

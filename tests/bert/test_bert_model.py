@@ -38,8 +38,12 @@ def tiny_batch(batch: int = 3, length: int = 16) -> dict[str, torch.Tensor]:
 
 def test_bert_large_has_the_published_shape_and_parameter_count() -> None:
     config = bert_config("bert_large", 30522)
-    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
-            config.intermediate_size) == (24, 1024, 16, 4096)
+    assert (
+        config.num_hidden_layers,
+        config.hidden_size,
+        config.num_attention_heads,
+        config.intermediate_size,
+    ) == (24, 1024, 16, 4096)
     assert config.vocab_size == 30528  # rounded up to a multiple of 8
     with torch.device("meta"):
         model = pretraining_model_class()(config)
@@ -54,7 +58,8 @@ def test_forward_scores_exactly_the_masked_positions() -> None:
     batch = tiny_batch()
     out = model(**batch)
     reference = super(type(model), model).forward(
-        input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+        input_ids=batch["input_ids"],
+        token_type_ids=batch["token_type_ids"],
         attention_mask=batch["attention_mask"],
     )
     selected = batch["labels"] != -100
@@ -69,14 +74,19 @@ def test_kfac_preconditions_every_linear_but_the_embeddings_and_prediction_head(
     assert tuple(config.kfac.skip_layers) == KFAC_SKIP_LAYERS
     model = build_bert_pretraining("bert_tiny", VOCAB)
     pre = KFACPreconditioner(model, skip_layers=config.kfac.skip_layers)
-    per_layer = ["attention.self.query", "attention.self.key", "attention.self.value",
-                 "attention.output.dense", "intermediate.dense", "output.dense"]
+    per_layer = [
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    ]
     expected = [f"bert.encoder.layer.{i}.{name}" for i in range(2) for name in per_layer]
     expected += ["bert.pooler.dense", "cls.seq_relationship"]
     assert pre.layer_names == expected
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert linears - set(expected) == {"cls.predictions.transform.dense",
-                                       "cls.predictions.decoder"}
+    assert linears - set(expected) == {"cls.predictions.transform.dense", "cls.predictions.decoder"}
     pre.remove_hooks()
 
 
@@ -87,8 +97,11 @@ def test_squad_model_takes_the_encoder_of_a_pretraining_checkpoint(tmp_path: Pat
     pretrained.save_pretrained(tmp_path / "hf")
     for source in (tmp_path / "ckpt.pt", tmp_path / "hf"):
         qa = build_bert_question_answering("bert_tiny", VOCAB, init_from=source)
-        encoder = {k: v for k, v in pretrained.state_dict().items()
-                   if k.startswith("bert.") and not k.startswith("bert.pooler.")}
+        encoder = {
+            k: v
+            for k, v in pretrained.state_dict().items()
+            if k.startswith("bert.") and not k.startswith("bert.pooler.")
+        }
         assert encoder.keys() == {k for k in qa.state_dict() if k.startswith("bert.")}
         for key, value in encoder.items():
             assert torch.equal(qa.state_dict()[key], value), key

@@ -38,7 +38,11 @@ def test_batch_sizes_of_the_two_phases_select_their_recipes(batch: int, optim: s
     assert config.trainer.max_steps == steps
     schedule = config.schedule
     assert (schedule.name, schedule.unit, schedule.warmup, schedule.power) == (
-        "poly", "step", warmup, 0.5)
+        "poly",
+        "step",
+        warmup,
+        0.5,
+    )
     assert abs(warmup / steps - (0.2843 if batch == 65536 else 0.128)) < 1e-3
     assert tuple(config.kfac.skip_layers) == KFAC_SKIP_LAYERS
     if optim == "kfac":
@@ -54,7 +58,10 @@ def test_batch_sizes_of_the_two_phases_select_their_recipes(batch: int, optim: s
 def test_bert_large_defaults_to_phase_one_data_and_batch() -> None:
     config = compose_run("model=bert_large")
     assert (config.data.name, config.batch.size, config.data.max_seq_length) == (
-        "bert_phase1", 65536, 128)
+        "bert_phase1",
+        65536,
+        128,
+    )
     assert config.data.max_predictions == 20  # type: ignore[attr-defined]
     phase2 = compose_run("model=bert_large", "data=bert_phase2", "batch=32768")
     assert (phase2.data.max_seq_length, phase2.data.max_predictions) == (512, 80)  # type: ignore
@@ -70,10 +77,19 @@ def test_squad_fine_tuning_defaults_to_adamw_for_three_epochs() -> None:
 def test_each_kfac_phase_recipe_runs_two_steps(batch: int, tmp_path: Path) -> None:
     data = PHASES[batch][0]
     config = compose_run(
-        "model=bert_large", f"data={data}", f"batch={batch}", "optim=kfac", "batch.size=4",
-        "trainer.micro_batch=2", "trainer.max_steps=2", "schedule.warmup=1",
-        "task.synthetic_seq_length=32", "task.synthetic_max_predictions=5",
-        "logger.progress=off", "checkpoint.at_end=false", f"output_dir={tmp_path}",
+        "model=bert_large",
+        f"data={data}",
+        f"batch={batch}",
+        "optim=kfac",
+        "batch.size=4",
+        "trainer.micro_batch=2",
+        "trainer.max_steps=2",
+        "schedule.warmup=1",
+        "task.synthetic_seq_length=32",
+        "task.synthetic_max_predictions=5",
+        "logger.progress=off",
+        "checkpoint.at_end=false",
+        f"output_dir={tmp_path}",
     )
     config = dataclasses.replace(
         config,
@@ -87,15 +103,23 @@ def test_each_kfac_phase_recipe_runs_two_steps(batch: int, tmp_path: Path) -> No
 
 
 def test_unprepared_data_root_names_the_preparation_script(tmp_path: Path) -> None:
-    config = compose_run("model=bert_tiny", "data=bert_phase1", f"data.root={tmp_path}",
-                         f"output_dir={tmp_path / 'run'}")
+    config = compose_run(
+        "model=bert_tiny",
+        "data=bert_phase1",
+        f"data.root={tmp_path}",
+        f"output_dir={tmp_path / 'run'}",
+    )
     with pytest.raises(UserError, match="scripts/prepare_bert_data.py"):
         train(config)
 
 
 def test_squad_needs_the_pretraining_vocabulary_and_checkpoint(tmp_path: Path, demo_data) -> None:
-    base = ("model=bert_squad", "model.size=bert_tiny", f"data.root={tmp_path}",
-            f"output_dir={tmp_path / 'run'}")
+    base = (
+        "model=bert_squad",
+        "model.size=bert_tiny",
+        f"data.root={tmp_path}",
+        f"output_dir={tmp_path / 'run'}",
+    )
     with pytest.raises(UserError, match="data.vocab_file="):
         train(compose_run(*base))
     (tmp_path / "train-v1.1.json").write_text('{"data": []}')

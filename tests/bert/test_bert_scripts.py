@@ -34,16 +34,35 @@ def test_raw_text_files_become_a_vocabulary_and_phase_data(tmp_path: Path, capsy
     second.write_text("\n\n".join(documents[half:]))
 
     build_vocab = load_script("build_vocab")
-    assert build_vocab.main([str(first), str(second), "--out", str(tmp_path / "vocab"),
-                             "--vocab-size", "3000"]) == 0
+    assert (
+        build_vocab.main(
+            [str(first), str(second), "--out", str(tmp_path / "vocab"), "--vocab-size", "3000"]
+        )
+        == 0
+    )
     assert "tokens" in capsys.readouterr().out
 
     prepare = load_script("prepare_bert_data")
     out = tmp_path / "phase2"
-    assert prepare.main([str(first), str(second), "--vocab", str(tmp_path / "vocab/vocab.txt"),
-                         "--out", str(out), "--max-seq-length", "256",
-                         "--validation-fraction", "0.05", "--cache-dir",
-                         str(tmp_path / "cache")]) == 0
+    assert (
+        prepare.main(
+            [
+                str(first),
+                str(second),
+                "--vocab",
+                str(tmp_path / "vocab/vocab.txt"),
+                "--out",
+                str(out),
+                "--max-seq-length",
+                "256",
+                "--validation-fraction",
+                "0.05",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
     meta = read_pretraining_meta(out)
     assert meta["max_seq_length"] == 256 and meta["vocab_size"] <= 3000
     train = load_pretraining_split(out, "train", max_seq_length=256)

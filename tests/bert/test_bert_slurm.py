@@ -11,9 +11,15 @@ import pytest
 from .helpers import compose_run
 
 SLURM = Path(__file__).resolve().parents[2] / "slurm"
-ENV = {"DATA_ROOT": "/data/bert", "PHASE1": "/ckpt/p1.pt", "PHASE2": "/ckpt/p2.pt",
-       "SQUAD_ROOT": "/data/squad", "VOCAB": "/data/bert/vocab.txt",
-       "TEXT_GLOB": "/data/text/*.txt", "OUT": "/data/out"}
+ENV = {
+    "DATA_ROOT": "/data/bert",
+    "PHASE1": "/ckpt/p1.pt",
+    "PHASE2": "/ckpt/p2.pt",
+    "SQUAD_ROOT": "/data/squad",
+    "VOCAB": "/data/bert/vocab.txt",
+    "TEXT_GLOB": "/data/text/*.txt",
+    "OUT": "/data/out",
+}
 
 
 def srun_words(script: Path) -> list[str]:
@@ -28,8 +34,9 @@ def srun_words(script: Path) -> list[str]:
     return shlex.split(line)
 
 
-@pytest.mark.parametrize("phase, batch, optim, lr", [(1, 65536, "lamb", 6e-3),
-                                                     (2, 32768, "kfac", 4e-3)])
+@pytest.mark.parametrize(
+    "phase, batch, optim, lr", [(1, 65536, "lamb", 6e-3), (2, 32768, "kfac", 4e-3)]
+)
 def test_phase_scripts_compose_the_phase_recipes(phase, batch, optim, lr) -> None:
     words = srun_words(SLURM / f"bert_phase{phase}.sbatch")
     assert words[:3] == ["srun", "python", "train.py"]
@@ -45,7 +52,10 @@ def test_phase_scripts_compose_the_phase_recipes(phase, batch, optim, lr) -> Non
 def test_squad_script_fine_tunes_the_phase_two_checkpoint() -> None:
     config = compose_run(*srun_words(SLURM / "bert_squad.sbatch")[3:])
     assert (config.model.name, config.model.weights, config.data.name) == (
-        "bert_squad", ENV["PHASE2"], "squad")
+        "bert_squad",
+        ENV["PHASE2"],
+        "squad",
+    )
     assert config.data.vocab_file == ENV["VOCAB"]  # type: ignore[attr-defined]
     assert config.batch.size == 32 and config.trainer.max_epochs == 3
 

@@ -29,11 +29,20 @@ def phase1_run(demo_cache: Path, tmp_path_factory) -> Path:
     """30 steps of K-FAC + LAMB on the demo corpus (batch 8, sequence 64)."""
     run_dir = tmp_path_factory.mktemp("phase1")
     config = compose_run(
-        "model=bert_tiny", "optim=kfac", f"data.root={demo_cache}", "data.max_seq_length=64",
-        "data.max_predictions=10", "data.eval_samples=64",
-        "batch.size=8", f"trainer.max_steps={PHASE1_STEPS}", "schedule.warmup=3",
-        "optim.lr=2e-2", "trainer.eval_every=1000", "trainer.log_every=2",
-        "logger.progress=off", f"output_dir={run_dir}",
+        "model=bert_tiny",
+        "optim=kfac",
+        f"data.root={demo_cache}",
+        "data.max_seq_length=64",
+        "data.max_predictions=10",
+        "data.eval_samples=64",
+        "batch.size=8",
+        f"trainer.max_steps={PHASE1_STEPS}",
+        "schedule.warmup=3",
+        "optim.lr=2e-2",
+        "trainer.eval_every=1000",
+        "trainer.log_every=2",
+        "logger.progress=off",
+        f"output_dir={run_dir}",
     )
     summary = train(config)
     assert summary["status"] == "completed", summary
@@ -58,10 +67,19 @@ def test_phase_two_starts_from_the_phase_one_checkpoint(
 ) -> None:
     checkpoint = phase1_run / "checkpoints" / f"step_{PHASE1_STEPS:08d}.pt"
     phase2 = (
-        "model=bert_tiny", "optim=kfac", f"model.weights={checkpoint}",
-        f"data.root={demo_cache}", "data.max_seq_length=128", "data.max_predictions=20",
-        "data.eval_samples=16", "batch.size=4", "trainer.max_steps=2", "schedule.warmup=1",
-        "trainer.log_every=1", "logger.progress=off", f"output_dir={tmp_path / 'phase2'}",
+        "model=bert_tiny",
+        "optim=kfac",
+        f"model.weights={checkpoint}",
+        f"data.root={demo_cache}",
+        "data.max_seq_length=128",
+        "data.max_predictions=20",
+        "data.eval_samples=16",
+        "batch.size=4",
+        "trainer.max_steps=2",
+        "schedule.warmup=1",
+        "trainer.log_every=1",
+        "logger.progress=off",
+        f"output_dir={tmp_path / 'phase2'}",
     )
     config = compose_run(*phase2)
     ctx = BuildContext(config, DistInfo(0, 1, 0, torch.device("cpu")), 4, 1)

@@ -35,9 +35,12 @@ QUESTIONS = [
     # (id, context, question, answer texts)
     ("q_bridge", LONG_CONTEXT, "When was the first bridge over the river built?", ["1848"]),
     ("q_harbour", LONG_CONTEXT, "What is the harbour at the mouth called?", ["Port Alder"]),
-    ("q_source", LONG_CONTEXT,
-     "Where does the river that this very long question is about have its source?",
-     ["the Black Forest", "Black Forest"]),
+    (
+        "q_source",
+        LONG_CONTEXT,
+        "Where does the river that this very long question is about have its source?",
+        ["the Black Forest", "Black Forest"],
+    ),
     ("q_creator", SHORT_CONTEXT, "Who created Python?", ["Guido van Rossum"]),
 ]
 
@@ -45,15 +48,22 @@ QUESTIONS = [
 def write_squad_file(path: Path) -> Path:
     by_context: dict[str, list[dict]] = {}
     for qid, context, question, answers in QUESTIONS:
-        by_context.setdefault(context, []).append({
-            "id": qid,
-            "question": question,
-            "answers": [{"text": a, "answer_start": context.index(a)} for a in answers],
-        })
-    data = {"version": "1.1", "data": [{
-        "title": "Hand made",
-        "paragraphs": [{"context": c, "qas": qas} for c, qas in by_context.items()],
-    }]}
+        by_context.setdefault(context, []).append(
+            {
+                "id": qid,
+                "question": question,
+                "answers": [{"text": a, "answer_start": context.index(a)} for a in answers],
+            }
+        )
+    data = {
+        "version": "1.1",
+        "data": [
+            {
+                "title": "Hand made",
+                "paragraphs": [{"context": c, "qas": qas} for c, qas in by_context.items()],
+            }
+        ],
+    }
     path.write_text(json.dumps(data), encoding="utf-8")
     return path
 
@@ -64,16 +74,24 @@ def squad_examples(tmp_path: Path):
 
 
 def features(examples, tokenizer, training: bool):
-    return build_features(examples, tokenizer, training=training, max_seq_length=MAX_SEQ,
-                          doc_stride=STRIDE, max_query_length=MAX_QUERY)
+    return build_features(
+        examples,
+        tokenizer,
+        training=training,
+        max_seq_length=MAX_SEQ,
+        doc_stride=STRIDE,
+        max_query_length=MAX_QUERY,
+    )
 
 
 def test_reading_flattens_articles_into_one_row_per_question(squad_examples) -> None:
     assert squad_examples["id"] == [q[0] for q in QUESTIONS]
     row = squad_examples[2]
     assert row["answer_texts"] == ["the Black Forest", "Black Forest"]
-    assert [row["context"][s:s + len(t)] for s, t in
-            zip(row["answer_starts"], row["answer_texts"], strict=True)] == row["answer_texts"]
+    assert [
+        row["context"][s : s + len(t)]
+        for s, t in zip(row["answer_starts"], row["answer_texts"], strict=True)
+    ] == row["answer_texts"]
 
 
 def test_long_contexts_are_split_into_overlapping_windows_with_truncated_questions(
@@ -115,7 +133,7 @@ def test_training_targets_map_back_to_the_answer_characters_in_every_window(
         if contains:
             s, e = target["start_positions"], target["end_positions"]
             assert 0 < s <= e
-            assert context[offs[s][0]:offs[e][1]] == example["answer_texts"][0]
+            assert context[offs[s][0] : offs[e][1]] == example["answer_texts"][0]
             windows_with_answer.setdefault(example["id"], []).append(i)
         else:
             assert (target["start_positions"], target["end_positions"]) == (0, 0)
@@ -144,12 +162,16 @@ def test_decoding_gold_logits_recovers_every_answer_with_full_scores(
     train = features(squad_examples, demo_tokenizer, training=True)
     evals = features(squad_examples, demo_tokenizer, training=False)
     start, end = gold_logits(squad_examples, evals, train)
-    predictions = decode_predictions(squad_examples, evals, start, end, n_best=5,
-                                     max_answer_length=10)
+    predictions = decode_predictions(
+        squad_examples, evals, start, end, n_best=5, max_answer_length=10
+    )
     assert predictions == {qid: answers[0] for qid, _, _, answers in QUESTIONS}
     truths = {row["id"]: row["answer_texts"] for row in squad_examples}
-    assert squad_scores(predictions, truths) == {"exact_match": 100.0, "f1": 100.0,
-                                                 "num_questions": 4.0}
+    assert squad_scores(predictions, truths) == {
+        "exact_match": 100.0,
+        "f1": 100.0,
+        "num_questions": 4.0,
+    }
 
 
 def test_decoding_skips_inadmissible_spans(squad_examples, demo_tokenizer) -> None:
@@ -165,7 +187,7 @@ def test_decoding_skips_inadmissible_spans(squad_examples, demo_tokenizer) -> No
     start[0, a], end[0, b] = 25.0, 25.0  # a .. b = 50: the best admissible span
     got = decode_predictions(examples, evals, start, end, n_best=10, max_answer_length=3)
     context = examples[0]["context"]
-    assert got == {"q_creator": context[offs[a][0]:offs[b][1]]}
+    assert got == {"q_creator": context[offs[a][0] : offs[b][1]]}
 
 
 def test_missing_squad_file_names_data_root(tmp_path: Path) -> None:

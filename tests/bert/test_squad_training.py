@@ -55,23 +55,34 @@ def test_evaluator_combines_windows_of_one_question_across_batches(
     }
 
 
-def test_bert_squad_fine_tunes_a_pretraining_checkpoint(
-    tmp_path: Path, demo_data: Path
-) -> None:
+def test_bert_squad_fine_tunes_a_pretraining_checkpoint(tmp_path: Path, demo_data: Path) -> None:
     squad = tmp_path / "squad"
     squad.mkdir()
     write_squad_file(squad / "train-v1.1.json")
     write_squad_file(squad / "dev-v1.1.json")
     vocab_size = json.loads((demo_data / "meta.json").read_text())["vocab_size"]
-    torch.save({"model": build_bert_pretraining("bert_tiny", vocab_size).state_dict()},
-               tmp_path / "pretrained.pt")
+    torch.save(
+        {"model": build_bert_pretraining("bert_tiny", vocab_size).state_dict()},
+        tmp_path / "pretrained.pt",
+    )
     config = compose_run(
-        "model=bert_squad", "model.size=bert_tiny", f"model.weights={tmp_path / 'pretrained.pt'}",
-        f"data.root={squad}", f"data.vocab_file={demo_data / 'vocab.txt'}",
-        f"data.max_seq_length={MAX_SEQ}", f"data.doc_stride={STRIDE}",
-        f"data.max_query_length={MAX_QUERY}", "batch.size=4", "trainer.max_epochs=null",
-        "trainer.max_steps=3", "schedule.unit=step", "schedule.warmup=1", "optim.lr=1e-3",
-        "logger.progress=off", "checkpoint.at_end=false", f"output_dir={tmp_path / 'run'}",
+        "model=bert_squad",
+        "model.size=bert_tiny",
+        f"model.weights={tmp_path / 'pretrained.pt'}",
+        f"data.root={squad}",
+        f"data.vocab_file={demo_data / 'vocab.txt'}",
+        f"data.max_seq_length={MAX_SEQ}",
+        f"data.doc_stride={STRIDE}",
+        f"data.max_query_length={MAX_QUERY}",
+        "batch.size=4",
+        "trainer.max_epochs=null",
+        "trainer.max_steps=3",
+        "schedule.unit=step",
+        "schedule.warmup=1",
+        "optim.lr=1e-3",
+        "logger.progress=off",
+        "checkpoint.at_end=false",
+        f"output_dir={tmp_path / 'run'}",
     )
     summary = train(config)
     assert summary["status"] == "completed" and summary["steps"] == 3

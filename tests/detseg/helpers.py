@@ -10,7 +10,8 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from kfac_train.cli import normalise_argv
-from kfac_train.config import RunConfig, register_configs, to_run_config
+from kfac_train.config import RunConfig, to_run_config
+from kfac_train.hydra_setup import register_configs
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 

@@ -11,7 +11,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from kfac_train.app import train
-from kfac_train.config import register_configs
+from kfac_train.hydra_setup import register_configs
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 

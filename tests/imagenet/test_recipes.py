@@ -17,8 +17,9 @@ from hydra import compose, initialize_config_dir
 
 from kfac_train.app import train
 from kfac_train.cli import normalise_argv
-from kfac_train.config import RunConfig, register_configs, to_run_config
+from kfac_train.config import RunConfig, to_run_config
 from kfac_train.data.synthetic import SyntheticConfig
+from kfac_train.hydra_setup import register_configs
 from kfac_train.models.resnet_cifar import ResNet20Config
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"

@@ -10,7 +10,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from kfac_train.cli import normalise_argv
-from kfac_train.config import register_configs, to_run_config
+from kfac_train.config import to_run_config
+from kfac_train.hydra_setup import register_configs
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted((REPO / "slurm").glob("resnet50_*.sbatch"))
