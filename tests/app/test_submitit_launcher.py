@@ -14,8 +14,8 @@ from submitit.slurm.slurm import SlurmJobEnvironment, _make_sbatch_string
 
 from kfac_train.app import train
 from kfac_train.cli import normalise_argv
-from kfac_train.config import register_configs
 from kfac_train.engine.signals import REQUEUE_SIGNALS, requeue_after_stop
+from kfac_train.hydra_setup import register_configs
 
 from .conftest import CONF, FAST, compose_config
 
