@@ -29,3 +29,7 @@ def is_due(interval: Scheduled[int], step: int, name: str) -> bool:
     """Whether an event with period ``interval`` happens at ``step`` (step 0 always does)."""
     period = check_positive_interval(name, resolve(interval, step), step)
     return step % period == 0
+
+
+#: Default Tikhonov damping λ (the one place it is written; the app's default reads it too).
+DEFAULT_DAMPING = 0.001

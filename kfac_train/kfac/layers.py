@@ -4,18 +4,48 @@ A :class:`LayerHandler` turns one forward input into the rows ``a`` of the input
 ``A = aᵀa / N`` and one output gradient into the rows ``g`` of ``G = gᵀg / N``, following
 ``kfac-math.md``. Handlers are looked up in an open registry keyed by module type
 (:func:`register_handler`), so new layer types plug in without touching the optimizer.
+
+Two optional handler methods make the registry open to options and to other block kinds:
+
+* ``configure(options) -> handler | None``: the handler to use under the preconditioner's
+  :class:`HandlerOptions` (``None``: leave the module alone). ``Conv2dHandler`` returns the
+  spatial-mean variant for ``conv_factor="spatial_mean"``; the BatchNorm handler returns ``None``
+  unless ``batchnorm="unit_wise"``.
+* ``make_block(name, module, options)``: build a non-Kronecker block (unit-wise BatchNorm);
+  without it the module becomes a :class:`~kfac_train.kfac.kfac_layer.KFACLayer`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HandlerOptions:
+    """What handlers and blocks may depend on (set once by the preconditioner)."""
+
+    factor_dtype: Any  # torch.dtype
+    inv_dtype: Any  # torch.dtype
+    compute_method: str = "eigen"
+    factored_damping: bool = False
+    conv_factor: str = "patches"
+    batchnorm: str = "skip"
+    world_size: int = 1
+    warner: Any = None  # diagnostics.RateLimitedWarner
+
+
+def configure(handler: Any, options: HandlerOptions) -> Any:
+    """``handler.configure(options)`` when the handler has it, else the handler itself."""
+    hook = getattr(handler, "configure", None)
+    return handler if hook is None else hook(options)
 
 
 class LayerHandler(Protocol):
@@ -148,6 +178,10 @@ class Conv2dHandler:
             return f"grouped convolution (groups={module.groups}) is not supported"
         return None
 
+    def configure(self, options: HandlerOptions) -> Conv2dHandler:
+        """The exact patches factor, or Ba et al.'s spatial mean (``conv_factor``)."""
+        return _SPATIAL_MEAN if options.conv_factor == "spatial_mean" else self
+
 
 class Conv2dSpatialMeanHandler(Conv2dHandler):
     """Ba et al.'s cheaper convolution input factor (ICLR 2017, App. A).
@@ -164,7 +198,11 @@ class Conv2dSpatialMeanHandler(Conv2dHandler):
         rows = patches.mean(dim=(2, 3)).reshape(batch, -1)  # (B, C_in·kh·kw), a reduction
         return _with_bias_column(rows, module.bias is not None) / spatial
 
+    def configure(self, options: HandlerOptions) -> Conv2dHandler:
+        return self
 
+
+_SPATIAL_MEAN = Conv2dSpatialMeanHandler()
 _HANDLERS: dict[type[nn.Module], LayerHandler] = {}
 
 
