@@ -39,7 +39,9 @@ def _finite(*tensors: torch.Tensor) -> bool:
 OnRetry = Callable[[str], None]
 
 
-def eigh(factor: torch.Tensor, on_retry: OnRetry | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def eigh(
+    factor: torch.Tensor, on_retry: OnRetry | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric eigendecomposition ``factor = Q diag(d) Qᵀ`` with eigenvalues clamped at 0.
 
     Tries float32 (or the factor's float64); on an exception or a non-finite result retries in
@@ -98,9 +100,7 @@ def damped_inverse(
     return inv.to(dtype)
 
 
-def pi_split(
-    A: torch.Tensor, G: torch.Tensor, damping: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def pi_split(A: torch.Tensor, G: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Factored Tikhonov damping (Ba et al. Eq. 3; Osawa et al. SP-NGD Eq. 12), the one
     definition used by every compute method and placement.
 

@@ -55,9 +55,7 @@ def memory_bytes(pre: Any) -> dict[str, int]:
     factors = sum(block.factor_bytes() for block in blocks)
     second_order = sum(block.second_order_bytes() for block in blocks)
     batch_sums = sum(f.batch_bytes() for block in blocks for f in block.factors())
-    grads = sum(
-        block.zero_grad().numel() * block.module.weight.element_size() for block in blocks
-    )
+    grads = sum(block.zero_grad().numel() * block.module.weight.element_size() for block in blocks)
     x_hat = sum(block.peak_rows_bytes for block in blocks if block.replicated)
     distributed = 0
     if pre.reduction.reducer is not None:

@@ -98,7 +98,9 @@ class SecondOrderMethod:
     def _fallback(self, what: str, err: Exception, previous: bool) -> None:
         kept = "its previous second-order data" if previous else "its plain gradient"
         self.warner.warn(
-            "fallback", self.layer, f"{what} of layer {self.layer!r} failed ({err}); it keeps {kept}"
+            "fallback",
+            self.layer,
+            f"{what} of layer {self.layer!r} failed ({err}); it keeps {kept}",
         )
 
     # ------------------------------------------------------------------ compute
@@ -228,7 +230,8 @@ class InverseMethod(SecondOrderMethod):
 
     def factor_part(self, which, A, G, damping) -> list[torch.Tensor]:
         index = 0 if which == "A" else 1
-        inverse = self._inverse(which, A if which == "A" else G, self._dampings(A, G, damping)[which])
+        lam = self._dampings(A, G, damping)[which]
+        inverse = self._inverse(which, A if which == "A" else G, lam)
         self.buffers()[index] = inverse
         return [inverse]
 

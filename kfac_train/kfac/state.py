@@ -74,8 +74,10 @@ def state_dict(
 def load_state_dict(
     blocks: dict[str, Any], plan: WorkPlan, comm: Communicator, state: dict[str, Any]
 ) -> tuple[int, bool, bool]:
-    """Restore ``state`` into ``blocks``; returns ``(steps, refresh_factors, refresh_second_order)``:
-    what the next step must rebuild because the state did not hold it.
+    """Restore ``state`` into ``blocks``.
+
+    Returns ``(steps, refresh_factors, refresh_second_order)``: what the next step must rebuild
+    because the state did not hold it.
 
     Raises:
         ValueError: when ``state`` has no step counter or lacks a Kronecker layer of this model.
@@ -97,9 +99,7 @@ def load_state_dict(
             refresh_factors = refresh_second_order = True
             continue
         for key, factor in zip(block.factor_keys, block.factors(), strict=True):
-            factor.running = (
-                entry[key].to(device=factor.running.device, dtype=factor.dtype).clone()
-            )
+            factor.running = entry[key].to(device=factor.running.device, dtype=factor.dtype).clone()
         method = block.method
         if not all(key in entry for key in method.keys):
             refresh_second_order = True  # another compute method, or saved before any update
