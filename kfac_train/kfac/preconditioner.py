@@ -340,10 +340,12 @@ class KFACPreconditioner:
         ``grad_broadcast``) for the last step and in total, as seen by this rank."""
         return self.comm.stats.as_dict()
 
-    def memory_bytes(self) -> dict[str, int]:
-        """Bytes of K-FAC memory on this rank (see :func:`.memory.memory_bytes`): persistent
-        ``factors`` and ``second_order``, and the ``transient_peak`` a step adds on top."""
-        return memory_bytes(self)
+    def memory_bytes(self, transient: bool = False) -> dict[str, int]:
+        """Bytes of K-FAC memory on this rank (see :mod:`.memory`): the persistent ``factors``
+        and ``second_order``; with ``transient=True`` also ``transient_peak``, the most a step
+        allocates on top of them. Size a job by the sum of the three."""
+        figures = memory_bytes(self)
+        return figures if transient else {k: figures[k] for k in ("factors", "second_order")}
 
     def summary(self) -> str:
         """A table of the registered layers with their factor shapes and bytes."""
@@ -362,7 +364,7 @@ class KFACPreconditioner:
         for r in rows:
             cells = [c.ljust(w) for c, w in zip(r[:4], widths[:4], strict=True)]
             lines.append("  ".join([*cells, r[4].rjust(widths[4])]))
-        mem = self.memory_bytes()
+        mem = self.memory_bytes(transient=True)
         lines.append(
             f"total: factors {mem['factors']:,} B, second-order {mem['second_order']:,} B, "
             f"transient peak {mem['transient_peak']:,} B"
