@@ -1,4 +1,5 @@
-"""Memory figures of a preconditioner on this rank (``KFACPreconditioner.memory_bytes()``).
+"""Reporting: the memory figures of a preconditioner on this rank (``memory_bytes()``) and its
+layer table (``summary()``).
 
 * ``factors``: the running statistics (every rank);
 * ``second_order``: the second-order data this rank holds;
@@ -65,3 +66,28 @@ def memory_bytes(pre: Any) -> dict[str, int]:
     working = max((_block_working_set(block) for block in blocks), default=0)
     transient = 2 * batch_sums + 2 * grads + x_hat + distributed + working
     return {"factors": factors, "second_order": second_order, "transient_peak": transient}
+
+
+def summary(pre: Any) -> str:
+    """A table of the registered Kronecker layers with their factor shapes and bytes."""
+    header = (
+        f"K-FAC: {len(pre.layers)} layers, compute_method={pre.compute_method}, "
+        f"world_size={pre.comm.world_size}, "
+        f"gradient workers per layer={pre.plan.num_grad_workers}"
+    )
+    rows = [("layer", "type", "A", "G", "factor bytes")]
+    for name, layer in pre.layers.items():
+        a, g = layer.shape.a, layer.shape.g
+        kind = type(layer.module).__name__
+        rows.append((name, kind, f"{a}x{a}", f"{g}x{g}", f"{layer.factor_bytes():,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = [header]
+    for r in rows:
+        cells = [c.ljust(w) for c, w in zip(r[:4], widths[:4], strict=True)]
+        lines.append("  ".join([*cells, r[4].rjust(widths[4])]))
+    mem = memory_bytes(pre)
+    lines.append(
+        f"total: factors {mem['factors']:,} B, second-order {mem['second_order']:,} B, "
+        f"transient peak {mem['transient_peak']:,} B"
+    )
+    return "\n".join(lines)

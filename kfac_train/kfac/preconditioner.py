@@ -19,22 +19,18 @@ from torch import nn
 from . import state as checkpoint
 from .assignment import WorkPlan, plan_work, resolve_grad_worker_fraction
 from .capture import StatisticsCapture, register_blocks
-from .comm import GRAD_BROADCAST, SECOND_ORDER_BROADCAST, Pending, make_communicator
+from .comm import make_communicator
 from .diagnostics import RateLimitedWarner
 from .hyperparams import DEFAULT_DAMPING, Scheduled, is_due, resolve
 from .layers import HandlerOptions
-from .memory import memory_bytes
+from .memory import memory_bytes, summary
+from .placement import broadcast_preconditioned, update_second_order
 from .reduction import FactorReduction
 from .second_order import COMPUTE_METHODS, EIGEN
 
 GRAD_SCALINGS = ("mean", "per_example")
 CONV_FACTORS = ("patches", "spatial_mean")
 BATCHNORM_MODES = ("skip", "unit_wise")
-
-
-def _check_choice(label: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        raise ValueError(f"{label} must be one of {tuple(choices)}, got {value!r}")
 
 
 class KFACPreconditioner:
@@ -74,14 +70,18 @@ class KFACPreconditioner:
         overlap_comm: bool = True,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
-        _check_choice("compute_method", compute_method, COMPUTE_METHODS)
+        for label, value, choices in (
+            ("compute_method", compute_method, COMPUTE_METHODS),
+            ("grad_scaling", grad_scaling, GRAD_SCALINGS),
+            ("conv_factor", conv_factor, CONV_FACTORS),
+            ("batchnorm", batchnorm, BATCHNORM_MODES),
+        ):
+            if value not in choices:
+                raise ValueError(f"{label} must be one of {choices}, got {value!r}")
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(
                 f"accumulation_steps must be a positive int, got {accumulation_steps!r}"
             )
-        _check_choice("grad_scaling", grad_scaling, GRAD_SCALINGS)
-        _check_choice("conv_factor", conv_factor, CONV_FACTORS)
-        _check_choice("batchnorm", batchnorm, BATCHNORM_MODES)
         if bucket_cap_mb <= 0:
             raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
         for label, dtype in (("factor_dtype", factor_dtype), ("inv_dtype", inv_dtype)):
@@ -194,7 +194,7 @@ class KFACPreconditioner:
             self._update_second_order(float(resolve(self.damping, step)))
         grads = {name: block.grad() for name, block in self.blocks.items()}
         preconditioned = self._precondition(grads)
-        self._broadcast_preconditioned(preconditioned)
+        broadcast_preconditioned(self.plan, self.comm, self._planned, preconditioned)
         self._clip_and_write(preconditioned, grads, step)
         self.steps += 1
         self.capture.collecting = self._factor_update_due(self.steps)
@@ -209,44 +209,7 @@ class KFACPreconditioner:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        rank, plan = self.comm.rank, self.plan
-        everyone = tuple(range(self.comm.world_size))
-        pending: list[Pending] = []
-        finish: list[Callable[[], None]] = []
-        for name, block in self.blocks.items():
-            if block.replicated:
-                block.update_second_order(damping)
-                continue
-            place = plan.layers[name]
-            if plan.colocate_factors:
-                if place.a_worker == rank:
-                    block.update_second_order(damping)
-                group = plan.column_group(place.column)
-                if rank in group and len(group) > 1:
-                    tensors = block.method.buffers()
-                    pending.append(
-                        self.comm.broadcast(tensors, place.a_worker, group, SECOND_ORDER_BROADCAST)
-                    )
-                continue
-            # Non-colocated factors (COMM-OPT): each factor's owner computes its part and
-            # broadcasts it to all ranks; every rank then finishes the layer the same way.
-            method, running = block.method, (block.A.running, block.G.running)
-            parts: dict[str, list[torch.Tensor]] = {}
-            for which, owner in (("A", place.a_worker), ("G", place.g_worker)):
-                if owner == rank:
-                    parts[which] = method.factor_part(which, *running, damping)
-                else:
-                    parts[which] = method.part_buffers(which)
-                pending.append(
-                    self.comm.broadcast(parts[which], owner, everyone, SECOND_ORDER_BROADCAST)
-                )
-            finish.append(
-                lambda m=method, p=parts, r=running: m.finish_parts(p, *r, damping)  # noqa: B023
-            )
-        for p in pending:
-            p.wait()
-        for f in finish:
-            f()
+        update_second_order(self.blocks, self.plan, self.comm, damping)
         self._refresh_second_order = False
 
     def _holds(self, name: str) -> bool:
@@ -265,21 +228,6 @@ class KFACPreconditioner:
             else:
                 out[name] = grad.clone()  # no second-order data yet: plain gradient
         return out
-
-    def _broadcast_preconditioned(self, preconditioned: dict[str, torch.Tensor]) -> None:
-        plan, rank = self.plan, self.comm.rank
-        if plan.num_grad_workers == plan.world_size:
-            return
-        row = plan.row_group(plan.row_of(rank))
-        by_source: dict[int, list[torch.Tensor]] = {}
-        for name in self._planned:
-            by_source.setdefault(plan.grad_source(name, rank), []).append(preconditioned[name])
-        pending = [
-            self.comm.broadcast(tensors, src, row, GRAD_BROADCAST)
-            for src, tensors in sorted(by_source.items())
-        ]
-        for p in pending:
-            p.wait()
 
     def _clip_and_write(
         self,
@@ -308,13 +256,10 @@ class KFACPreconditioner:
             V = preconditioned[name]
             self.blocks[name].write_grad(V * scale.to(V.dtype))
 
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------ state (see .state)
     def state_dict(self, include_factors: bool = True) -> dict[str, Any]:
-        """Step counter, factors and the second-order data in force, gathered on rank 0.
-
-        A collective in distributed runs: every rank must call it. Rank 0's result is complete;
-        other ranks return what they hold.
-        """
+        """Step counter, factors and second-order data, gathered on rank 0 (a collective in
+        distributed runs: every rank must call it; only rank 0's result is complete)."""
         return checkpoint.state_dict(
             self.blocks,
             self.plan,
@@ -349,24 +294,4 @@ class KFACPreconditioner:
 
     def summary(self) -> str:
         """A table of the registered layers with their factor shapes and bytes."""
-        header = (
-            f"K-FAC: {len(self.layers)} layers, compute_method={self.compute_method}, "
-            f"world_size={self.comm.world_size}, "
-            f"gradient workers per layer={self.plan.num_grad_workers}"
-        )
-        rows = [("layer", "type", "A", "G", "factor bytes")]
-        for name, layer in self.layers.items():
-            a, g = layer.shape.a, layer.shape.g
-            kind = type(layer.module).__name__
-            rows.append((name, kind, f"{a}x{a}", f"{g}x{g}", f"{layer.factor_bytes():,}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines = [header]
-        for r in rows:
-            cells = [c.ljust(w) for c, w in zip(r[:4], widths[:4], strict=True)]
-            lines.append("  ".join([*cells, r[4].rjust(widths[4])]))
-        mem = self.memory_bytes(transient=True)
-        lines.append(
-            f"total: factors {mem['factors']:,} B, second-order {mem['second_order']:,} B, "
-            f"transient peak {mem['transient_peak']:,} B"
-        )
-        return "\n".join(lines)
+        return summary(self)
