@@ -59,7 +59,8 @@ class KFACLayer:
             options.warner,
             options.factored_damping,
         )
-        #: Largest input-row matrix formed so far (bytes): conv patch copies dominate it.
+        #: Largest input-row matrix formed so far with the padded input copy it needed (bytes):
+        #: conv patch copies dominate it.
         self.peak_rows_bytes = 0
 
     def factors(self) -> tuple[Factor, ...]:
@@ -74,7 +75,10 @@ class KFACLayer:
 
     def accumulate_input(self, x: torch.Tensor) -> None:
         rows = self.handler.input_rows(self.module, x)
-        self.peak_rows_bytes = max(self.peak_rows_bytes, rows.numel() * rows.element_size())
+        copy_bytes = getattr(self.handler, "input_copy_bytes", None)
+        working = rows.numel() * rows.element_size()
+        working += copy_bytes(self.module, x) if copy_bytes is not None else 0
+        self.peak_rows_bytes = max(self.peak_rows_bytes, working)
         self.A.accumulate(rows)
 
     def accumulate_output_grad(

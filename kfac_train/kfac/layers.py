@@ -154,6 +154,16 @@ class Conv2dHandler:
         patches = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
         return patches[..., ::dh, ::dw]
 
+    def input_copy_bytes(self, module: nn.Module, x: torch.Tensor) -> int:
+        """Bytes of the padded input copy :meth:`input_rows` makes (0 without padding)."""
+        if module.padding_mode == "zeros" and not (
+            isinstance(module.padding, str) or any(module.padding)
+        ):
+            return 0
+        left, right, top, bottom = module._reversed_padding_repeated_twice
+        height, width = x.shape[-2] + top + bottom, x.shape[-1] + left + right
+        return x[..., :1, :1].numel() * height * width * x.element_size()
+
     @staticmethod
     def _padded(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The input with the layer's padding applied (any padding mode, ``"same"``/``"valid"``)."""
