@@ -8,18 +8,23 @@ See ``docs/kfac.md`` for the arguments and conventions.
 """
 
 from .assignment import (
+    STRATEGY_NAMES,
     LayerPlacement,
+    LayerShape,
     WorkPlan,
     plan_work,
     resolve_grad_worker_fraction,
+    validate_grad_worker_fraction,
 )
 from .comm import COMM_KINDS
-from .kfac_layer import LayerShape
+from .hyperparams import DEFAULT_DAMPING
 from .layers import LayerHandler, register_handler
 from .preconditioner import KFACPreconditioner
 
 __all__ = [
     "COMM_KINDS",
+    "DEFAULT_DAMPING",
+    "STRATEGY_NAMES",
     "KFACPreconditioner",
     "LayerHandler",
     "LayerPlacement",
@@ -28,4 +33,5 @@ __all__ = [
     "plan_work",
     "register_handler",
     "resolve_grad_worker_fraction",
+    "validate_grad_worker_fraction",
 ]
