@@ -37,7 +37,8 @@ class _TriangleCodec:
 
 class FactorAllReducer:
     """Averages each layer's batch factors (``[A_batch, G_batch]``, or any list of statistics)
-    over all ranks. ``symmetry_aware`` sends square statistics as their upper triangle.
+    over all ranks. ``layers`` gives each layer's statistics as ``(shape, symmetric)``;
+    ``symmetry_aware`` sends the symmetric ones as their upper triangle.
 
     Layers are grouped into static buckets of at most ``bucket_cap_bytes`` (a bucket holds at
     least one layer) in the order given, which should be the order in which layers finish their
@@ -49,7 +50,7 @@ class FactorAllReducer:
     def __init__(
         self,
         comm: Communicator,
-        layers: Sequence[tuple[str, Sequence[tuple[int, ...]]]],
+        layers: Sequence[tuple[str, Sequence[tuple[tuple[int, ...], bool]]]],
         *,
         bucket_cap_bytes: int,
         symmetry_aware: bool,
@@ -60,11 +61,12 @@ class FactorAllReducer:
         self.comm_dtype = comm_dtype
         self._codec = _TriangleCodec()
         self.buckets: list[list[str]] = []
-        self._total_len = sum(self._packed_len(s) for _, shapes in layers for s in shapes)
+        self._specs = {name: list(specs) for name, specs in layers}
+        self._total_len = sum(self._packed_len(*s) for specs in self._specs.values() for s in specs)
         size = 0
         elem = torch.empty((), dtype=comm_dtype).element_size()
-        for name, shapes in layers:
-            layer_bytes = sum(self._packed_len(s) for s in shapes) * elem
+        for name, specs in layers:
+            layer_bytes = sum(self._packed_len(*s) for s in specs) * elem
             if not self.buckets or size + layer_bytes > bucket_cap_bytes:
                 self.buckets.append([])
                 size = 0
@@ -72,11 +74,11 @@ class FactorAllReducer:
             size += layer_bytes
         self.start_step()
 
-    def _packs(self, shape: Sequence[int]) -> bool:
-        return self.symmetry_aware and len(shape) == 2 and shape[0] == shape[1]
+    def _packs(self, symmetric: bool) -> bool:
+        return self.symmetry_aware and symmetric
 
-    def _packed_len(self, shape: Sequence[int]) -> int:
-        if self._packs(shape):
+    def _packed_len(self, shape: Sequence[int], symmetric: bool) -> int:
+        if self._packs(symmetric):
             return shape[0] * (shape[0] + 1) // 2
         return math.prod(shape)
 
@@ -102,8 +104,8 @@ class FactorAllReducer:
     def _launch(self, names: list[str]) -> None:
         pieces = []
         for name in names:
-            for f in self._ready[name]:
-                pieces.append(self._codec.pack(f) if self._packs(f.shape) else f.reshape(-1))
+            for f, (_, symmetric) in zip(self._ready[name], self._specs[name], strict=True):
+                pieces.append(self._codec.pack(f) if self._packs(symmetric) else f.reshape(-1))
         buffer = torch.cat([p.to(self.comm_dtype) for p in pieces])
         self._pending.append((self.comm.allreduce_sum(buffer, FACTOR_ALLREDUCE), buffer, names))
 
@@ -124,11 +126,11 @@ class FactorAllReducer:
             offset = 0
             for name in names:
                 out = []
-                for f in self._ready[name]:
-                    length = self._packed_len(f.shape)
+                for f, (shape, symmetric) in zip(self._ready[name], self._specs[name], strict=True):
+                    length = self._packed_len(shape, symmetric)
                     chunk = buffer[offset : offset + length]
                     offset += length
-                    if self._packs(f.shape):
+                    if self._packs(symmetric):
                         out.append(self._codec.unpack(chunk, f.shape[0], f.dtype))
                     else:
                         out.append(chunk.view(f.shape).to(f.dtype))

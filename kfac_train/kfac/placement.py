@@ -50,7 +50,7 @@ def update_second_order(
             if owner == rank:
                 parts[which] = method.factor_part(which, *running, damping)
             else:
-                parts[which] = method.part_buffers(which)
+                parts[which] = method.part_buffers(which, *running)
             pending.append(comm.broadcast(parts[which], owner, everyone, SECOND_ORDER_BROADCAST))
         finish.append(lambda m=method, p=parts, r=running: m.finish_parts(p, *r, damping))
     for p in pending:

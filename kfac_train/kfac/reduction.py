@@ -37,7 +37,10 @@ class FactorReduction:
         if comm.world_size > 1:
             self.reducer = FactorAllReducer(
                 comm,
-                [(n, [f.shape for f in b.factors()]) for n, b in reversed(blocks.items())],
+                [
+                    (n, [(f.shape, f.symmetric) for f in b.factors()])
+                    for n, b in reversed(blocks.items())
+                ],
                 bucket_cap_bytes=bucket_cap_bytes,
                 symmetry_aware=symmetry_aware,
                 comm_dtype=comm_dtype,

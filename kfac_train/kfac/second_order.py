@@ -115,7 +115,7 @@ class SecondOrderMethod:
         tensors to broadcast."""
         raise NotImplementedError
 
-    def part_buffers(self, which: str) -> list[torch.Tensor]:
+    def part_buffers(self, which: str, A: torch.Tensor, G: torch.Tensor) -> list[torch.Tensor]:
         """Buffers that receive factor ``which``'s part on the other ranks."""
         raise NotImplementedError
 
@@ -172,9 +172,8 @@ class EigenMethod(SecondOrderMethod):
             d = torch.full((n,), float("nan"), dtype=dtype, device=factor.device)
         return [Q, d]
 
-    def part_buffers(self, which: str) -> list[torch.Tensor]:
-        n = self.a if which == "A" else self.g
-        dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+    def part_buffers(self, which: str, A: torch.Tensor, G: torch.Tensor) -> list[torch.Tensor]:
+        n, dtype = (self.a, self._part_dtype(A)) if which == "A" else (self.g, self._part_dtype(G))
         return [
             torch.empty(n, n, dtype=dtype, device=self.device),
             torch.empty(n, dtype=dtype, device=self.device),
@@ -235,7 +234,7 @@ class InverseMethod(SecondOrderMethod):
         self.buffers()[index] = inverse
         return [inverse]
 
-    def part_buffers(self, which: str) -> list[torch.Tensor]:
+    def part_buffers(self, which: str, A: torch.Tensor, G: torch.Tensor) -> list[torch.Tensor]:
         return [self.buffers()[0 if which == "A" else 1]]
 
     def precondition(self, grad: torch.Tensor) -> torch.Tensor:
