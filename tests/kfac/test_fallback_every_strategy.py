@@ -122,3 +122,24 @@ def test_a_failed_update_keeps_the_previous_data_on_every_rank_in_every_strategy
                 torch.testing.assert_close(
                     got, want, rtol=1e-10, atol=1e-12, msg=f"rank {rank}, {config}"
                 )
+
+
+MIXED = {**SETTINGS, "inv_dtype": torch.float32}
+
+
+def _mixed_dtype_rank_run() -> list[torch.Tensor]:
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    pre = KFACPreconditioner(ddp, colocate_factors=False, **MIXED)
+    rank = dist.get_rank()
+    return _train(ddp, pre, lambda step: [_shards(step)[rank]], fail_at=None)
+
+
+def test_split_factors_with_float64_factors_and_float32_data_match_one_process() -> None:
+    """The per-factor parts travel in the factors' compute dtype whatever ``inv_dtype`` is."""
+    model = _model()
+    pre = KFACPreconditioner(model, accumulation_steps=WORLD, **MIXED)
+    expected = _train(model, pre, _shards, fail_at=None)
+    for rank, grads in enumerate(run_distributed(_mixed_dtype_rank_run, WORLD)):
+        for got, want in zip(grads, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9, msg=f"rank {rank}")
