@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .diagnostics import RateLimitedWarner
 from .factors import Factor
 from .layers import HandlerOptions, register_handler
 
@@ -146,9 +145,13 @@ class UnitWiseBatchNorm:
             return None
         return torch.stack([weight, bias])
 
+    @property
+    def grad_shape(self) -> tuple[int, int]:
+        return (2, self.module.num_features)
+
     def zero_grad(self) -> torch.Tensor:
         weight = self.module.weight
-        return torch.zeros(2, weight.shape[0], dtype=weight.dtype, device=weight.device)
+        return torch.zeros(self.grad_shape, dtype=weight.dtype, device=weight.device)
 
     def precondition(self, grad: torch.Tensor) -> torch.Tensor:
         return self.method.precondition(grad)
@@ -184,4 +187,4 @@ class BatchNormHandler:
 
 register_handler(nn.modules.batchnorm._BatchNorm, BatchNormHandler())
 
-__all__ = ["BatchNormHandler", "RateLimitedWarner", "UnitWiseBatchNorm", "normalised_input"]
+__all__ = ["BatchNormHandler", "UnitWiseBatchNorm", "UnitWiseInverse", "normalised_input"]

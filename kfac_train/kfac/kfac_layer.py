@@ -6,8 +6,8 @@ offers the same interface, so the step has no per-type branches:
 * ``factors()`` — the statistics reduced over ranks; ``on_forward(inputs, output)`` — capture a
   micro-batch (returns the output-gradient callback, or ``None``);
 * ``method`` — the second-order method object (:mod:`.second_order`); ``update_second_order``;
-* ``grad()`` / ``zero_grad()`` / ``precondition(grad)`` / ``write_grad(V)`` — the gradient as one
-  matrix and back;
+* ``grad_shape`` / ``grad()`` / ``zero_grad()`` / ``precondition(grad)`` / ``write_grad(V)`` —
+  the gradient as one matrix and back;
 * ``replicated`` — ``True`` for blocks so cheap that every rank computes their second-order data
   (no placement, no broadcast); ``state_section`` / ``factor_keys`` — where the checkpoint keeps
   them.
@@ -107,10 +107,14 @@ class KFACLayer:
         """The layer gradient ``(g, a)``, or ``None`` if the layer got no gradient this step."""
         return grad_matrix(self.module)
 
+    @property
+    def grad_shape(self) -> tuple[int, int]:
+        return (self.shape.g, self.shape.a)
+
     def zero_grad(self) -> torch.Tensor:
         """A zero ``(g, a)`` gradient: what a rank without a gradient for this layer uses."""
         weight = self.module.weight
-        return torch.zeros(self.shape.g, self.shape.a, dtype=weight.dtype, device=weight.device)
+        return torch.zeros(self.grad_shape, dtype=weight.dtype, device=weight.device)
 
     def precondition(self, grad: torch.Tensor) -> torch.Tensor:
         return self.method.precondition(grad)

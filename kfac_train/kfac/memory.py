@@ -23,6 +23,7 @@ the bound against them.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -42,7 +43,7 @@ def _block_working_set(block: Any) -> int:
     method = block.method
     shapes = method.shapes()
     new_data = sum(torch.Size(s).numel() for s in shapes) * _size(method.dtype)
-    grad_elems = torch.Size(shapes[-1] if len(shapes) == 3 else block.zero_grad().shape).numel()
+    grad_elems = math.prod(block.grad_shape)
     # decomposition outputs (eigenvalues and vectors) in up to float64, next to the old data
     decomposition = 2 * new_data + sum(f.running_bytes() for f in factors) * 2
     precondition = 5 * grad_elems * grad_size
@@ -56,7 +57,9 @@ def memory_bytes(pre: Any) -> dict[str, int]:
     factors = sum(block.factor_bytes() for block in blocks)
     second_order = sum(block.second_order_bytes() for block in blocks)
     batch_sums = sum(f.batch_bytes() for block in blocks for f in block.factors())
-    grads = sum(block.zero_grad().numel() * block.module.weight.element_size() for block in blocks)
+    grads = sum(
+        math.prod(block.grad_shape) * block.module.weight.element_size() for block in blocks
+    )
     x_hat = sum(block.peak_rows_bytes for block in blocks if block.replicated)
     distributed = 0
     if pre.reduction.reducer is not None:

@@ -23,7 +23,6 @@ import torch
 
 from . import linalg
 from .diagnostics import RateLimitedWarner
-from .hyperparams import DEFAULT_DAMPING
 
 EIGEN = "eigen"
 INVERSE = "inverse"
@@ -261,7 +260,6 @@ def make_method(
 
 __all__ = [
     "COMPUTE_METHODS",
-    "DEFAULT_DAMPING",
     "EIGEN",
     "INVERSE",
     "EigenMethod",
