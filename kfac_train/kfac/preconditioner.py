@@ -201,14 +201,7 @@ class KFACPreconditioner:
         self.comm.stats.end_step()
 
     def _update_second_order(self, damping: float) -> None:
-        dropped = self.reduction.take_dropped()  # inverse-update steps synchronise anyway
-        if dropped:
-            warnings.warn(
-                f"K-FAC: dropped {dropped} layer statistic(s) containing inf/NaN (AMP overflow?) "
-                "since the last second-order update; the factors kept their previous values",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        self.reduction.warn_dropped()  # inverse-update steps synchronise anyway
         update_second_order(self.blocks, self.plan, self.comm, damping)
         self._refresh_second_order = False
 

@@ -10,6 +10,7 @@ all ranks issue the same collectives in the same order.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -114,11 +115,17 @@ class FactorReduction:
             for factor in factors:
                 factor.reset_batch()
 
-    def take_dropped(self) -> int:
-        """The number of dropped statistics since the last call (a host synchronisation)."""
+    def warn_dropped(self) -> None:
+        """Warn about statistics dropped since the last call (reads the count: a host sync)."""
         dropped = int(self.dropped.item())
-        self.dropped.zero_()
-        return dropped
+        if dropped:
+            warnings.warn(
+                f"K-FAC: dropped {dropped} layer statistic(s) containing inf/NaN (AMP overflow?) "
+                "since the last second-order update; the factors kept their previous values",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self.dropped.zero_()
 
     def transient_bytes(self) -> int:
         """Bytes of the batch sums of one step plus, distributed, the all-reduce buckets."""
