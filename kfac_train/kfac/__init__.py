@@ -8,27 +8,27 @@ See ``docs/kfac.md`` for the arguments and conventions.
 """
 
 from .assignment import (
+    STRATEGY_NAMES,
     LayerPlacement,
+    LayerShape,
     WorkPlan,
     plan_work,
     resolve_grad_worker_fraction,
+    validate_grad_worker_fraction,
 )
+from .auto_strategy import MemoryBudgetError, choose_grad_worker_fraction
 from .comm import COMM_KINDS
-from .kfac_layer import LayerShape
+from .hyperparams import DEFAULT_DAMPING
 from .layers import LayerHandler, register_handler
-from .memory_model import (
-    Footprint,
-    MemoryBudgetError,
-    candidate_fractions,
-    choose_grad_worker_fraction,
-    predict_footprint,
-)
+from .memory_model import Footprint, candidate_fractions, predict_footprint
 from .preconditioner import KFACPreconditioner
 
 __all__ = [
     "COMM_KINDS",
+    "DEFAULT_DAMPING",
     "Footprint",
     "MemoryBudgetError",
+    "STRATEGY_NAMES",
     "KFACPreconditioner",
     "LayerHandler",
     "LayerPlacement",
@@ -40,4 +40,5 @@ __all__ = [
     "predict_footprint",
     "register_handler",
     "resolve_grad_worker_fraction",
+    "validate_grad_worker_fraction",
 ]

@@ -17,39 +17,71 @@ workers per layer for gradient-worker fraction ``f``:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .kfac_layer import LayerShape
-
-STRATEGY_FRACTIONS = {"comm-opt": 1.0}
+COMM_OPT = "comm-opt"
 HYBRID_OPT = "hybrid-opt"
 MEM_OPT = "mem-opt"
+#: The strategy names ``grad_worker_fraction`` accepts (case-insensitive; ``_`` may replace ``-``).
+STRATEGY_NAMES = (COMM_OPT, HYBRID_OPT, MEM_OPT)
 COST_MODELS = ("compute", "memory")
 
 
-def resolve_grad_worker_fraction(value: float | str, world_size: int) -> float:
-    """Turn a fraction or a strategy name (``comm-opt``, ``hybrid-opt``, ``mem-opt``) into a
-    float in ``(0, 1]``."""
+@dataclass(frozen=True)
+class LayerShape:
+    """Side lengths of a layer's factors: ``A`` is ``a × a`` (bias column included), ``G`` is
+    ``g × g`` and the layer gradient is ``g × a``."""
+
+    name: str
+    a: int
+    g: int
+
+
+def validate_grad_worker_fraction(value: float | str) -> float | str:
+    """Check a ``grad_worker_fraction`` without knowing the world size.
+
+    Returns the canonical form: a strategy name from :data:`STRATEGY_NAMES` (``"comm_opt"``,
+    ``"COMM-OPT"``... all become ``"comm-opt"``) or a float in ``(0, 1]`` (numeric strings such as
+    ``"0.5"`` are accepted). The one validator of this option: the app calls it too.
+
+    Raises:
+        ValueError: naming the bad value and the accepted ones.
+    """
     if isinstance(value, str):
-        key = value.lower().replace("_", "-")
-        if key == MEM_OPT:
-            return 1.0 / world_size
-        if key == HYBRID_OPT:
-            # Half of the ranks where that divides P, else the largest divisor of P below P/2
-            # (P = 3: MEM-OPT's single worker; P = 6: 3 workers).
-            m = max(d for d in range(1, max(1, world_size // 2) + 1) if world_size % d == 0)
-            return m / world_size
-        if key not in STRATEGY_FRACTIONS:
+        key = value.strip().lower().replace("_", "-")
+        if key in STRATEGY_NAMES:
+            return key
+        try:
+            value = float(key)
+        except ValueError:
             raise ValueError(
-                f"unknown grad_worker_fraction {value!r}; use a float in (0, 1] or one of "
-                "'comm-opt', 'hybrid-opt', 'mem-opt'"
-            )
-        return STRATEGY_FRACTIONS[key]
+                f"grad_worker_fraction={value!r}: use a number in (0, 1] or one of "
+                + ", ".join(STRATEGY_NAMES)
+            ) from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"grad_worker_fraction={value!r}: use a number in (0, 1] or a name")
     fraction = float(value)
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"grad_worker_fraction must be in (0, 1], got {value!r}")
+    if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
+        raise ValueError(f"grad_worker_fraction={value!r}: must be in (0, 1]")
     return fraction
+
+
+def resolve_grad_worker_fraction(value: float | str, world_size: int) -> float:
+    """Turn a fraction or a strategy name (see :func:`validate_grad_worker_fraction`) into a
+    float in ``(0, 1]`` for ``world_size`` ranks."""
+    value = validate_grad_worker_fraction(value)
+    if value == MEM_OPT:
+        return 1.0 / world_size
+    if value == HYBRID_OPT:
+        # Half of the ranks where that divides P, else the largest divisor of P below P/2
+        # (P = 3: MEM-OPT's single worker; P = 6: 3 workers).
+        m = max(d for d in range(1, max(1, world_size // 2) + 1) if world_size % d == 0)
+        return m / world_size
+    if value == COMM_OPT:
+        return 1.0
+    return float(value)
 
 
 def num_grad_workers(fraction: float, world_size: int) -> int:

@@ -9,14 +9,25 @@ means the same for both.
 
 Blocks are stored packed as ``(C, 3)``: ``[F_γγ, F_γβ, F_ββ]``; the running average starts from
 the identity ``[1, 0, 1]``.
+
+The layer is a block like :class:`~kfac_train.kfac.kfac_layer.KFACLayer` (same interface) built
+by :class:`BatchNormHandler`, registered for ``_BatchNorm`` in the handler registry. Its blocks are
+averaged over ranks with the Kronecker factors; being tiny, they are inverted by every rank
+(``replicated``), so they need no placement and no broadcast. ``nn.SyncBatchNorm`` on more than
+one rank is refused: it normalises with statistics over all ranks, which :func:`normalised_input`
+(local statistics) would not reproduce.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from . import sharded
+from . import precision
+from .factors import Factor
+from .layers import GradAccess, HandlerOptions, PlainGrads, register_handler
 
 
 def normalised_input(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
@@ -27,19 +38,89 @@ def normalised_input(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -
     return (x - mean) * torch.rsqrt(var + module.eps)
 
 
-class UnitWiseBatchNorm:
-    """K-FAC state of one affine BatchNorm layer with ``C`` channels."""
+class UnitWiseInverse:
+    """Second-order method of a unit-wise BatchNorm layer: ``(F_c + λI)⁻¹`` per channel, packed
+    ``(C, 3)`` like the blocks; a channel whose block cannot be inverted gets the identity."""
 
-    def __init__(self, name: str, module: nn.modules.batchnorm._BatchNorm, dtype: torch.dtype):
+    name = "unit_wise"
+    keys = ("F_inv",)
+
+    def __init__(self, layer: str, channels: int, dtype: torch.dtype, device: torch.device):
+        self.layer, self.channels, self.dtype, self.device = layer, channels, dtype, device
+        self.tensors: list[torch.Tensor] | None = None
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [(self.channels, 3)]
+
+    def has_data(self) -> bool:
+        return self.tensors is not None
+
+    def buffers(self) -> list[torch.Tensor]:
+        if self.tensors is None:
+            self.tensors = [torch.empty(self.channels, 3, dtype=self.dtype, device=self.device)]
+        return self.tensors
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors or ())
+
+    def compute(self, running: torch.Tensor, damping: float) -> None:
+        f_gg, f_gb, f_bb = (running[:, i].to(torch.float64) for i in range(3))
+        f_gg, f_bb = f_gg + damping, f_bb + damping
+        det = f_gg * f_bb - f_gb * f_gb
+        inverse = torch.stack([f_bb / det, -f_gb / det, f_gg / det], dim=1)
+        finite = torch.isfinite(inverse).all(dim=1, keepdim=True) & (det > 0).unsqueeze(1)
+        identity = torch.tensor([1.0, 0.0, 1.0], dtype=inverse.dtype, device=inverse.device)
+        self.tensors = [torch.where(finite, inverse, identity).to(self.dtype)]
+
+    def precondition(self, grad: torch.Tensor) -> torch.Tensor:
+        """``grad`` is ``(2, C)``: rows ``∇γ`` and ``∇β``; returns ``(v_γ, v_β)`` stacked."""
+        d_gamma, d_beta = grad[0], grad[1]
+        i_gg, i_gb, i_bb = (self.tensors[0][:, i].to(grad.dtype) for i in range(3))
+        return torch.stack([i_gg * d_gamma + i_gb * d_beta, i_gb * d_gamma + i_bb * d_beta])
+
+
+class UnitWiseBatchNorm:
+    """K-FAC state of one affine BatchNorm layer with ``C`` channels (a replicated block)."""
+
+    replicated = True
+    state_section = "batchnorm"
+    factor_keys = ("F",)
+
+    def __init__(
+        self,
+        name: str,
+        module: nn.modules.batchnorm._BatchNorm,
+        dtype: torch.dtype,
+        grads: GradAccess | None = None,
+    ):
         self.name = name
         self.module = module
         self.dtype = dtype
+        self.grads = grads or PlainGrads()
         channels = module.num_features
         device = module.weight.device
-        self.running = torch.tensor([1.0, 0.0, 1.0], dtype=dtype, device=device).repeat(channels, 1)
-        self.inverse: torch.Tensor | None = None
-        self._batch_sum: torch.Tensor | None = None
-        self.batch_count = 0
+        identity = torch.tensor([1.0, 0.0, 1.0], dtype=dtype, device=device).repeat(channels, 1)
+        self.F = Factor(channels, dtype, device, initial=identity)
+        self.method = UnitWiseInverse(name, channels, dtype, device)
+        self.peak_rows_bytes = 0
+
+    @property
+    def running(self) -> torch.Tensor:
+        """The running ``(C, 3)`` blocks."""
+        return self.F.running
+
+    def factors(self) -> tuple[Factor, ...]:
+        return (self.F,)
+
+    def on_forward(self, inputs: tuple[Any, ...], output: Any):
+        """Keep ``x̂`` of this micro-batch; the callback adds the moments once ``g`` is known."""
+        x_hat = normalised_input(self.module, inputs[0].detach().to(self.dtype))
+        self.peak_rows_bytes = max(self.peak_rows_bytes, x_hat.numel() * x_hat.element_size())
+
+        def accumulate(grad_output: torch.Tensor, multiplier: torch.Tensor | float) -> None:
+            self.accumulate(x_hat, grad_output, multiplier)
+
+        return accumulate
 
     def accumulate(self, x_hat: torch.Tensor, grad_output: torch.Tensor, multiplier) -> None:
         """Add one micro-batch's moments; ``x_hat`` and ``grad_output`` are ``(B, C, ...)``."""
@@ -51,54 +132,69 @@ class UnitWiseBatchNorm:
             [(d_gamma * d_gamma).mean(0), (d_gamma * d_beta).mean(0), (d_beta * d_beta).mean(0)],
             dim=1,
         )
-        if self.running.device != stat.device:
-            self.running = self.running.to(stat.device)
-        self._batch_sum = stat if self._batch_sum is None else self._batch_sum + stat
-        self.batch_count += 1
+        self.F.add(stat)
 
-    def batch(self) -> torch.Tensor | None:
-        return None if self._batch_sum is None else self._batch_sum / self.batch_count
+    def update_second_order(self, damping: float) -> None:
+        self.method.compute(self.F.running, damping)
 
-    def reset_batch(self) -> None:
-        self._batch_sum = None
-        self.batch_count = 0
-
-    def update_running(self, batch: torch.Tensor, decay: float) -> torch.Tensor:
-        """Fold ``batch`` in unless it has inf/NaN; returns the 0-d "dropped" flag (no sync)."""
-        keep = torch.isfinite(batch).all()
-        updated = self.running * decay + batch.to(self.dtype) * (1.0 - decay)
-        self.running = torch.where(keep, updated, self.running)
-        return ~keep
-
-    def update_inverse(self, damping: float) -> None:
-        """``(F_c + λI)⁻¹`` for every channel, packed like the blocks."""
-        f_gg, f_gb, f_bb = (self.running[:, i].to(torch.float64) for i in range(3))
-        f_gg, f_bb = f_gg + damping, f_bb + damping
-        det = f_gg * f_bb - f_gb * f_gb
-        inverse = torch.stack([f_bb / det, -f_gb / det, f_gg / det], dim=1)
-        finite = torch.isfinite(inverse).all(dim=1, keepdim=True) & (det > 0).unsqueeze(1)
-        identity = torch.tensor([1.0, 0.0, 1.0], dtype=inverse.dtype, device=inverse.device)
-        self.inverse = torch.where(finite, inverse, identity).to(self.dtype)
-
-    def grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        weight, bias = sharded.full_grad(self.module.weight), sharded.full_grad(self.module.bias)
-        if weight is None or bias is None:
-            return None
-        return weight, bias
-
-    def precondition(self, d_gamma: torch.Tensor, d_beta: torch.Tensor):
-        """``(v_γ, v_β)`` per channel; the plain gradient before the first inverse."""
-        if self.inverse is None:
-            return d_gamma.clone(), d_beta.clone()
-        i_gg, i_gb, i_bb = (self.inverse[:, i].to(d_gamma.dtype) for i in range(3))
-        return i_gg * d_gamma + i_gb * d_beta, i_gb * d_gamma + i_bb * d_beta
-
-    def write(self, v_gamma: torch.Tensor, v_beta: torch.Tensor) -> None:
-        sharded.write_grad(self.module.weight, v_gamma)
-        sharded.write_grad(self.module.bias, v_beta)
-
-    def factor_bytes(self) -> int:
-        return self.running.numel() * self.running.element_size()
+    def has_second_order(self) -> bool:
+        return self.method.has_data()
 
     def second_order_bytes(self) -> int:
-        return 0 if self.inverse is None else self.inverse.numel() * self.inverse.element_size()
+        return self.method.nbytes()
+
+    def factor_bytes(self) -> int:
+        return self.F.running_bytes()
+
+    def grad(self) -> torch.Tensor | None:
+        """``(2, C)``: ``∇γ`` and ``∇β``, or ``None`` without a gradient."""
+        weight, bias = self.grads.read(self.module.weight), self.grads.read(self.module.bias)
+        if weight is None or bias is None:
+            return None
+        return torch.stack([weight, bias])
+
+    @property
+    def grad_shape(self) -> tuple[int, int]:
+        return (2, self.module.num_features)
+
+    def zero_grad(self) -> torch.Tensor:
+        weight = self.module.weight
+        return torch.zeros(self.grad_shape, dtype=weight.dtype, device=weight.device)
+
+    def precondition(self, grad: torch.Tensor) -> torch.Tensor:
+        return self.method.precondition(grad)
+
+    def write_grad(self, V: torch.Tensor) -> None:
+        if self.module.weight.grad is None or self.module.bias.grad is None:
+            return
+        self.grads.write(self.module.weight, V[0])
+        self.grads.write(self.module.bias, V[1])
+
+
+class BatchNormHandler:
+    """Registers affine BatchNorm layers as unit-wise blocks when ``batchnorm="unit_wise"``."""
+
+    def configure(self, options: HandlerOptions) -> BatchNormHandler | None:
+        return self if options.batchnorm == "unit_wise" else None
+
+    def skip_reason(self, module: nn.Module) -> str | None:
+        return None if module.affine else "BatchNorm without affine parameters"
+
+    def make_block(
+        self, name: str, module: nn.Module, options: HandlerOptions
+    ) -> UnitWiseBatchNorm:
+        if isinstance(module, nn.SyncBatchNorm) and options.world_size > 1:
+            raise ValueError(
+                f"K-FAC batchnorm='unit_wise' cannot precondition nn.SyncBatchNorm layer {name!r} "
+                f"on {options.world_size} ranks: it normalises with statistics over all ranks, "
+                "which the unit-wise blocks (local statistics) would not match; use "
+                "batchnorm='skip' or per-rank nn.BatchNorm layers"
+            )
+        # float32 blocks for 16-bit factor dtypes (precision.py)
+        storage = precision.factor_storage_dtype(options.factor_dtype)
+        return UnitWiseBatchNorm(name, module, storage, options.grads)
+
+
+register_handler(nn.modules.batchnorm._BatchNorm, BatchNormHandler())
+
+__all__ = ["BatchNormHandler", "UnitWiseBatchNorm", "UnitWiseInverse", "normalised_input"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -35,7 +36,9 @@ class _TriangleCodec:
 
 
 class FactorAllReducer:
-    """Averages each layer's batch factors (``[A_batch, G_batch]``) over all ranks.
+    """Averages each layer's batch factors (``[A_batch, G_batch]``, or any list of statistics)
+    over all ranks. ``layers`` gives each layer's statistics as ``(shape, symmetric)``;
+    ``symmetry_aware`` sends the symmetric ones as their upper triangle.
 
     Layers are grouped into static buckets of at most ``bucket_cap_bytes`` (a bucket holds at
     least one layer) in the order given, which should be the order in which layers finish their
@@ -47,7 +50,7 @@ class FactorAllReducer:
     def __init__(
         self,
         comm: Communicator,
-        layers: Sequence[tuple[str, Sequence[int]]],
+        layers: Sequence[tuple[str, Sequence[tuple[tuple[int, ...], bool]]]],
         *,
         bucket_cap_bytes: int,
         symmetry_aware: bool,
@@ -58,10 +61,12 @@ class FactorAllReducer:
         self.comm_dtype = comm_dtype
         self._codec = _TriangleCodec()
         self.buckets: list[list[str]] = []
+        self._specs = {name: list(specs) for name, specs in layers}
+        self._total_len = sum(self._packed_len(*s) for specs in self._specs.values() for s in specs)
         size = 0
         elem = torch.empty((), dtype=comm_dtype).element_size()
-        for name, sides in layers:
-            layer_bytes = sum(self._packed_len(n) for n in sides) * elem
+        for name, specs in layers:
+            layer_bytes = sum(self._packed_len(*s) for s in specs) * elem
             if not self.buckets or size + layer_bytes > bucket_cap_bytes:
                 self.buckets.append([])
                 size = 0
@@ -69,8 +74,18 @@ class FactorAllReducer:
             size += layer_bytes
         self.start_step()
 
-    def _packed_len(self, n: int) -> int:
-        return n * (n + 1) // 2 if self.symmetry_aware else n * n
+    def _packs(self, symmetric: bool) -> bool:
+        return self.symmetry_aware and symmetric
+
+    def _packed_len(self, shape: Sequence[int], symmetric: bool) -> int:
+        if self._packs(symmetric):
+            return shape[0] * (shape[0] + 1) // 2
+        return math.prod(shape)
+
+    def bucket_bytes(self) -> int:
+        """Bytes of all bucket buffers of one step (they can be in flight together)."""
+        elem = torch.empty((), dtype=self.comm_dtype).element_size()
+        return self._total_len * elem
 
     def start_step(self) -> None:
         self._ready: dict[str, list[torch.Tensor]] = {}
@@ -89,8 +104,8 @@ class FactorAllReducer:
     def _launch(self, names: list[str]) -> None:
         pieces = []
         for name in names:
-            for f in self._ready[name]:
-                pieces.append(self._codec.pack(f) if self.symmetry_aware else f.reshape(-1))
+            for f, (_, symmetric) in zip(self._ready[name], self._specs[name], strict=True):
+                pieces.append(self._codec.pack(f) if self._packs(symmetric) else f.reshape(-1))
         buffer = torch.cat([p.to(self.comm_dtype) for p in pieces])
         self._pending.append((self.comm.allreduce_sum(buffer, FACTOR_ALLREDUCE), buffer, names))
 
@@ -111,15 +126,14 @@ class FactorAllReducer:
             offset = 0
             for name in names:
                 out = []
-                for f in self._ready[name]:
-                    n = f.shape[0]
-                    length = self._packed_len(n)
+                for f, (shape, symmetric) in zip(self._ready[name], self._specs[name], strict=True):
+                    length = self._packed_len(shape, symmetric)
                     chunk = buffer[offset : offset + length]
                     offset += length
-                    if self.symmetry_aware:
-                        out.append(self._codec.unpack(chunk, n, f.dtype))
+                    if self._packs(symmetric):
+                        out.append(self._codec.unpack(chunk, f.shape[0], f.dtype))
                     else:
-                        out.append(chunk.view(n, n).to(f.dtype))
+                        out.append(chunk.view(f.shape).to(f.dtype))
                 averaged[name] = out
         self.start_step()
         return averaged

@@ -107,13 +107,22 @@ class Communicator:
 
 
 class TorchCommunicator(Communicator):
-    """Collectives over a ``torch.distributed`` process group. Ranks are group ranks."""
+    """Collectives over a ``torch.distributed`` process group. Ranks are group ranks.
+
+    K-FAC talks on its own communicator (a new group over the same ranks): factor all-reduces
+    start during backward on one rank and at ``step()`` on another (a layer unused on a rank),
+    which on a shared group would interleave differently with DDP's or the caller's collectives.
+    On its own group only K-FAC's sequence matters, and that is the same on every rank.
+    """
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
-        self.group = group if group is not None else dist.group.WORLD
-        self.rank = dist.get_rank(self.group)
-        self.world_size = dist.get_world_size(self.group)
+        parent = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(parent)
+        self.world_size = dist.get_world_size(parent)
+        members = [dist.get_global_rank(parent, r) for r in range(self.world_size)]
+        # Only the members synchronise, so data-parallel groups of a larger job may each do this.
+        self.group = dist.new_group(members, use_local_synchronization=True)
         self._subgroups: dict[tuple[int, ...], dist.ProcessGroup] = {}
 
     def _global(self, rank: int) -> int:
@@ -164,5 +173,6 @@ def make_communicator(group: dist.ProcessGroup | None) -> Communicator:
     else the single-process no-op."""
     if not (dist.is_available() and dist.is_initialized()):
         return Communicator()
-    comm = TorchCommunicator(group)
-    return comm if comm.world_size > 1 else Communicator()
+    if dist.get_world_size(group if group is not None else dist.group.WORLD) < 2:
+        return Communicator()
+    return TorchCommunicator(group)

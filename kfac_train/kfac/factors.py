@@ -1,4 +1,4 @@
-"""One Kronecker factor: its per-step batch statistic, running average and second-order data."""
+"""One curvature statistic: its per-step batch value and its running average."""
 
 from __future__ import annotations
 
@@ -8,37 +8,60 @@ from . import precision
 
 
 class Factor:
-    """A symmetric ``n × n`` Kronecker factor (a layer's ``A`` or ``G``).
+    """A curvature statistic of one layer: a Kronecker factor ``A`` or ``G`` (symmetric
+    ``n × n``), or a packed block statistic such as unit-wise BatchNorm's ``(C, 3)``.
 
-    Holds three things with different lifetimes:
+    Holds two things with different lifetimes:
 
     * the per-step *batch* statistic, summed over the micro-batches of one optimizer step
-      (``accumulate``) and averaged by :meth:`batch`;
+      (:meth:`accumulate` / :meth:`add`) and averaged by :meth:`batch`;
     * the *running average* ``F ← decay·F + (1 − decay)·F_batch``, starting from the identity
-      (checkpointed state);
-    * the *second-order data* derived from it: eigenvectors ``Q`` or the damped ``inverse``
-      (recomputable; only allocated on ranks that need it).
+      (or ``initial``); this is checkpointed state.
 
-    ``dtype`` is the requested factor dtype; the statistic's product runs in it, while sums and
-    the running average are held in :attr:`dtype` = ``precision.factor_storage_dtype(dtype)``
-    (float32 for bfloat16/float16, see :mod:`.precision`).
+    The second-order data derived from the running averages belongs to the layer's
+    :mod:`~kfac_train.kfac.second_order` method object.
+
+    ``dtype`` is the requested factor dtype: the statistic's matrix product runs in it
+    (:attr:`stat_dtype`), while batch sums and the running average are held in :attr:`dtype` =
+    ``precision.factor_storage_dtype(dtype)`` (float32 for bfloat16/float16, see
+    :mod:`.precision`).
     """
 
-    def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        initial: torch.Tensor | None = None,
+    ) -> None:
         self.size = size
         self.stat_dtype = dtype
         self.dtype = precision.factor_storage_dtype(dtype)
-        self.running = torch.eye(size, dtype=self.dtype, device=device)
+        #: Square statistics are symmetric: :meth:`batch` symmetrises them and the factor
+        #: all-reduce may send only their upper triangle.
+        self.symmetric = initial is None
+        self.running = (
+            torch.eye(size, dtype=self.dtype, device=device)
+            if initial is None
+            else initial.to(dtype=self.dtype, device=device)
+        )
         self._batch_sum: torch.Tensor | None = None
         self.batch_count = 0
-        self.eigvecs: torch.Tensor | None = None
-        self.inverse: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.running.shape)
 
     def accumulate(self, rows: torch.Tensor) -> None:
         """Add the statistic ``rowsᵀ rows / N`` of one micro-batch; ``rows`` is ``(N, size)``."""
-        if self.running.device != rows.device:
-            self.running = self.running.to(rows.device)
-        stat = precision.gram_mean(rows, self.stat_dtype).to(self.dtype)
+        self.add(precision.gram_mean(rows, self.stat_dtype))
+
+    def add(self, stat: torch.Tensor) -> None:
+        """Add one micro-batch's statistic (already in the running average's shape)."""
+        stat = stat.to(self.dtype)
+        if self.running.device != stat.device:
+            self.running = self.running.to(stat.device)
         if self._batch_sum is None:
             self._batch_sum = stat
         else:
@@ -46,11 +69,12 @@ class Factor:
         self.batch_count += 1
 
     def batch(self) -> torch.Tensor | None:
-        """The symmetrised mean of this step's micro-batch statistics (``None`` if none)."""
+        """The mean of this step's micro-batch statistics, symmetrised for square factors
+        (``None`` if there were none)."""
         if self._batch_sum is None:
             return None
         mean = self._batch_sum / self.batch_count
-        return (mean + mean.T) / 2
+        return (mean + mean.T) / 2 if self.symmetric else mean
 
     def reset_batch(self) -> None:
         self._batch_sum = None
@@ -64,9 +88,9 @@ class Factor:
         updated = self.running * decay + batch.to(self.running.dtype) * (1.0 - decay)
         self.running = torch.where(keep, updated, self.running)
 
-    def second_order_bytes(self) -> int:
-        held = (t for t in (self.eigvecs, self.inverse) if t is not None)
-        return sum(t.numel() * t.element_size() for t in held)
-
     def running_bytes(self) -> int:
         return self.running.numel() * self.running.element_size()
+
+    def batch_bytes(self) -> int:
+        """Bytes of the batch sum while a step collects statistics."""
+        return self.running.numel() * torch.empty((), dtype=self.dtype).element_size()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
+from .second_order import COMPUTE_METHODS
+
 T = TypeVar("T", int, float)
 
 #: A hyperparameter value: a constant or a function ``f(step) -> value``.
@@ -29,3 +31,36 @@ def is_due(interval: Scheduled[int], step: int, name: str) -> bool:
     """Whether an event with period ``interval`` happens at ``step`` (step 0 always does)."""
     period = check_positive_interval(name, resolve(interval, step), step)
     return step % period == 0
+
+
+#: Default Tikhonov damping λ (the one place it is written; the app's default reads it too).
+DEFAULT_DAMPING = 0.001
+
+
+GRAD_SCALINGS = ("mean", "per_example")
+CONV_FACTORS = ("patches", "spatial_mean")
+BATCHNORM_MODES = ("skip", "unit_wise")
+
+
+def check_choices(
+    *,
+    compute_method: str,
+    grad_scaling: str,
+    conv_factor: str,
+    batchnorm: str,
+    accumulation_steps: int,
+    bucket_cap_mb: float,
+) -> None:
+    """The preconditioner's choice and count options; a ``ValueError`` naming the bad one."""
+    for label, value, choices in (
+        ("compute_method", compute_method, COMPUTE_METHODS),
+        ("grad_scaling", grad_scaling, GRAD_SCALINGS),
+        ("conv_factor", conv_factor, CONV_FACTORS),
+        ("batchnorm", batchnorm, BATCHNORM_MODES),
+    ):
+        if value not in choices:
+            raise ValueError(f"{label} must be one of {choices}, got {value!r}")
+    if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps must be a positive int, got {accumulation_steps!r}")
+    if bucket_cap_mb <= 0:
+        raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")

@@ -4,20 +4,70 @@ A :class:`LayerHandler` turns one forward input into the rows ``a`` of the input
 ``A = aᵀa / N`` and one output gradient into the rows ``g`` of ``G = gᵀg / N``, following
 ``kfac-math.md``. Handlers are looked up in an open registry keyed by module type
 (:func:`register_handler`), so new layer types plug in without touching the optimizer.
+
+Two optional handler methods make the registry open to options and to other block kinds:
+
+* ``configure(options) -> handler | None``: the handler to use under the preconditioner's
+  :class:`HandlerOptions` (``None``: leave the module alone). ``Conv2dHandler`` returns the
+  spatial-mean variant for ``conv_factor="spatial_mean"``; the BatchNorm handler returns ``None``
+  unless ``batchnorm="unit_wise"``.
+* ``make_block(name, module, options)``: build a non-Kronecker block (unit-wise BatchNorm);
+  without it the module becomes a :class:`~kfac_train.kfac.kfac_layer.KFACLayer`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import sharded
-
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HandlerOptions:
+    """What handlers and blocks may depend on (set once by the preconditioner)."""
+
+    factor_dtype: Any  # torch.dtype
+    inv_dtype: Any  # torch.dtype
+    compute_method: str = "eigen"
+    factored_damping: bool = False
+    conv_factor: str = "patches"
+    batchnorm: str = "skip"
+    world_size: int = 1
+    warner: Any = None  # diagnostics.RateLimitedWarner
+    grads: Any = None  # GradAccess; None = PlainGrads (sharded.ShardedGrads under FSDP2)
+
+
+class GradAccess(Protocol):
+    """How blocks read and write parameter gradients: plain ``.grad`` tensors here; the
+    preconditioner passes :class:`~kfac_train.kfac.sharded.ShardedGrads` (FSDP2 ``DTensor``
+    gradients: gathered on read, this rank's shard written), which keeps this module free of
+    ``torch.distributed``."""
+
+    def read(self, param: torch.Tensor) -> torch.Tensor | None: ...
+
+    def write(self, param: torch.Tensor, full: torch.Tensor) -> None: ...
+
+
+class PlainGrads:
+    """``param.grad`` as it is (one process, DDP)."""
+
+    def read(self, param: torch.Tensor) -> torch.Tensor | None:
+        return param.grad
+
+    def write(self, param: torch.Tensor, full: torch.Tensor) -> None:
+        param.grad.copy_(full.reshape(param.grad.shape))
+
+
+def configure(handler: Any, options: HandlerOptions) -> Any:
+    """``handler.configure(options)`` when the handler has it, else the handler itself."""
+    hook = getattr(handler, "configure", None)
+    return handler if hook is None else hook(options)
 
 
 class LayerHandler(Protocol):
@@ -43,32 +93,38 @@ def _with_bias_column(rows: torch.Tensor, has_bias: bool) -> torch.Tensor:
     return torch.cat([rows, ones], dim=1)
 
 
-def grad_matrix(module: nn.Module) -> torch.Tensor | None:
+def grad_matrix(module: nn.Module, grads: GradAccess | None = None) -> torch.Tensor | None:
     """The layer gradient ``[∇W, ∇b]`` as a ``(g, a)`` matrix, or ``None`` without a gradient.
 
     Conv weights ``(out, C_in, kh, kw)`` flatten to ``(out, C_in·kh·kw)``, matching the column
-    order of :func:`torch.nn.functional.unfold`.
+    order of :func:`torch.nn.functional.unfold`. ``grads`` reads the gradients (plain ones by
+    default).
     """
-    weight_grad = sharded.full_grad(module.weight)  # FSDP2 shards: gathered
+    grads = grads or PlainGrads()
+    weight_grad = grads.read(module.weight)
     if weight_grad is None:
         return None
     grad = weight_grad.reshape(weight_grad.shape[0], -1)
     bias = getattr(module, "bias", None)
-    if bias is not None and bias.grad is not None:
-        grad = torch.cat([grad, sharded.full_grad(bias).reshape(-1, 1)], dim=1)
+    bias_grad = grads.read(bias) if bias is not None else None
+    if bias_grad is not None:
+        grad = torch.cat([grad, bias_grad.reshape(-1, 1)], dim=1)
     elif bias is not None:
         grad = torch.cat([grad, torch.zeros_like(grad[:, :1])], dim=1)
     return grad
 
 
-def write_grad_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
+def write_grad_matrix(
+    module: nn.Module, matrix: torch.Tensor, grads: GradAccess | None = None
+) -> None:
     """Write a ``(g, a)`` matrix back into ``weight.grad`` (and ``bias.grad``) in place."""
+    grads = grads or PlainGrads()
     weight = module.weight
     bias = getattr(module, "bias", None)
     n_weight_cols = weight.grad.numel() // weight.grad.shape[0]  # global shape under FSDP2
-    sharded.write_grad(weight, matrix[:, :n_weight_cols])  # FSDP2: this rank's shard
+    grads.write(weight, matrix[:, :n_weight_cols])
     if bias is not None and bias.grad is not None:
-        sharded.write_grad(bias, matrix[:, n_weight_cols])
+        grads.write(bias, matrix[:, n_weight_cols])
 
 
 class LinearHandler:
@@ -126,6 +182,16 @@ class Conv2dHandler:
         patches = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
         return patches[..., ::dh, ::dw]
 
+    def input_copy_bytes(self, module: nn.Module, x: torch.Tensor) -> int:
+        """Bytes of the padded input copy :meth:`input_rows` makes (0 without padding)."""
+        if module.padding_mode == "zeros" and not (
+            isinstance(module.padding, str) or any(module.padding)
+        ):
+            return 0
+        left, right, top, bottom = module._reversed_padding_repeated_twice
+        height, width = x.shape[-2] + top + bottom, x.shape[-1] + left + right
+        return x[..., :1, :1].numel() * height * width * x.element_size()
+
     @staticmethod
     def _padded(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The input with the layer's padding applied (any padding mode, ``"same"``/``"valid"``)."""
@@ -150,6 +216,10 @@ class Conv2dHandler:
             return f"grouped convolution (groups={module.groups}) is not supported"
         return None
 
+    def configure(self, options: HandlerOptions) -> Conv2dHandler:
+        """The exact patches factor, or Ba et al.'s spatial mean (``conv_factor``)."""
+        return _SPATIAL_MEAN if options.conv_factor == "spatial_mean" else self
+
 
 class Conv2dSpatialMeanHandler(Conv2dHandler):
     """Ba et al.'s cheaper convolution input factor (ICLR 2017, App. A).
@@ -166,7 +236,11 @@ class Conv2dSpatialMeanHandler(Conv2dHandler):
         rows = patches.mean(dim=(2, 3)).reshape(batch, -1)  # (B, C_in·kh·kw), a reduction
         return _with_bias_column(rows, module.bias is not None) / spatial
 
+    def configure(self, options: HandlerOptions) -> Conv2dHandler:
+        return self
 
+
+_SPATIAL_MEAN = Conv2dSpatialMeanHandler()
 _HANDLERS: dict[type[nn.Module], LayerHandler] = {}
 
 

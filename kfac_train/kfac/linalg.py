@@ -7,6 +7,8 @@ Nothing here communicates or knows about modules. Shapes follow ``kfac-math.md``
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from . import precision
@@ -35,11 +37,18 @@ def _finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def eigh(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+#: Called with the reason when the first attempt failed and the float64 retry is taken.
+OnRetry = Callable[[str], None]
+
+
+def eigh(
+    factor: torch.Tensor, on_retry: OnRetry | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric eigendecomposition ``factor = Q diag(d) Qᵀ`` with eigenvalues clamped at 0.
 
     Tries float32 (or the factor's float64); on an exception or a non-finite result retries in
-    float64 with a small diagonal jitter. Returns ``(d, Q)`` in the compute dtype.
+    float64 with a small diagonal jitter (``on_retry`` is told why). Returns ``(d, Q)`` in the
+    compute dtype.
 
     Raises:
         DecompositionError: when the retry fails too (also for a non-finite factor).
@@ -51,8 +60,11 @@ def eigh(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d, q = torch.linalg.eigh(factor.to(dtype))
         if _finite(d, q):
             return d.clamp_min(0.0), q
-    except (RuntimeError, torch.linalg.LinAlgError):
-        pass  # retried below in float64 with jitter
+        reason = f"eigh in {dtype} returned inf/NaN"
+    except (RuntimeError, torch.linalg.LinAlgError) as err:
+        reason = f"eigh in {dtype} failed: {err}"
+    if on_retry is not None:
+        on_retry(reason)
     try:
         d, q = torch.linalg.eigh(_jittered(factor))
     except (RuntimeError, torch.linalg.LinAlgError) as err:
@@ -62,8 +74,11 @@ def eigh(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return d.clamp_min(0.0).to(dtype), q.to(dtype)
 
 
-def damped_inverse(factor: torch.Tensor, damping: float) -> torch.Tensor:
-    """``(factor + damping·I)⁻¹``, with the same float64-with-jitter retry as :func:`eigh`."""
+def damped_inverse(
+    factor: torch.Tensor, damping: float | torch.Tensor, on_retry: OnRetry | None = None
+) -> torch.Tensor:
+    """``(factor + damping·I)⁻¹``, with the same float64-with-jitter retry as :func:`eigh`
+    (``damping`` may be a 0-d tensor: no host synchronisation)."""
     if not _finite(factor):
         raise DecompositionError("factor contains inf/NaN")
     dtype = _compute_dtype(factor.dtype)
@@ -73,8 +88,11 @@ def damped_inverse(factor: torch.Tensor, damping: float) -> torch.Tensor:
         inv = torch.linalg.inv(factor.to(dtype) + damping * eye)
         if _finite(inv):
             return inv
-    except (RuntimeError, torch.linalg.LinAlgError):
-        pass  # retried below in float64 with jitter
+        reason = f"inverse in {dtype} returned inf/NaN"
+    except (RuntimeError, torch.linalg.LinAlgError) as err:
+        reason = f"inverse in {dtype} failed: {err}"
+    if on_retry is not None:
+        on_retry(reason)
     try:
         inv = torch.linalg.inv(_jittered(factor) + damping * eye.to(torch.float64))
     except (RuntimeError, torch.linalg.LinAlgError) as err:
@@ -84,36 +102,39 @@ def damped_inverse(factor: torch.Tensor, damping: float) -> torch.Tensor:
     return inv.to(dtype)
 
 
-def pi_split(trace_A: float, a: int, trace_G: float, g: int, damping: float) -> tuple[float, float]:
-    """Factored Tikhonov damping (Ba et al. Eq. 3; Osawa et al. SP-NGD Eq. 12).
+def pi_split(A: torch.Tensor, G: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factored Tikhonov damping (Ba et al. Eq. 3; Osawa et al. SP-NGD Eq. 12), the one
+    definition used by every compute method and placement.
 
-    Returns ``(λ_A, λ_G) = (π√λ, √λ/π)`` with ``π = sqrt((tr A / a) / (tr G / g))``, so that
-    ``(A + λ_A I) ⊗ (G + λ_G I)`` spreads the damping by the factors' mean eigenvalues.
+    Returns 0-d float64 tensors ``(λ_A, λ_G) = (π√λ, √λ/π)`` with
+    ``π = sqrt((tr A / a) / (tr G / g))`` from the *running factors* (every rank holds them after
+    the factor all-reduce, so any rank computes the same π without communication and without a
+    host synchronisation). ``π = 1`` when a mean trace is not positive and finite.
     """
-    mean_A, mean_G = trace_A / a, trace_G / g
-    pi = (mean_A / mean_G) ** 0.5 if mean_A > 0 and mean_G > 0 else 1.0
+    mean_A = A.diagonal().to(torch.float64).mean()
+    mean_G = G.diagonal().to(torch.float64).mean()
+    ratio = mean_A / mean_G
+    valid = (mean_A > 0) & (mean_G > 0) & torch.isfinite(ratio)
+    pi = torch.where(valid, ratio, torch.ones_like(ratio)).sqrt()
     root = damping**0.5
     return pi * root, root / pi
 
 
 def eigen_reciprocal(
-    d_G: torch.Tensor, d_A: torch.Tensor, damping: float, factored: bool = False
+    d_G: torch.Tensor,
+    d_A: torch.Tensor,
+    damping: float,
+    split: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The eigenbasis scaling of the eigen method, shape ``(g, a)``.
 
-    ``1 / (d_G d_Aᵀ + damping)`` (exact Tikhonov, the default), or with ``factored`` damping
-    ``1 / ((d_G + λ_G)(d_A + λ_A)ᵀ)`` (see :func:`pi_split`). Non-finite entries (a factor whose
-    decomposition failed is marked by NaN eigenvalues) become 1, which leaves that layer's
-    gradient unpreconditioned.
+    ``1 / (d_G d_Aᵀ + damping)`` (exact Tikhonov, the default), or with the factored damping
+    ``split = (λ_A, λ_G)`` of :func:`pi_split`: ``1 / ((d_G + λ_G)(d_A + λ_A)ᵀ)``.
     """
-    if factored:
-        lam_A, lam_G = pi_split(
-            float(d_A.sum()), d_A.numel(), float(d_G.sum()), d_G.numel(), damping
-        )
-        recip = 1.0 / torch.outer(d_G + lam_G, d_A + lam_A)
-    else:
-        recip = 1.0 / (torch.outer(d_G, d_A) + damping)
-    return torch.where(torch.isfinite(recip), recip, torch.ones_like(recip))
+    if split is not None:
+        lam_A, lam_G = (lam.to(d_A.dtype) for lam in split)
+        return 1.0 / torch.outer(d_G + lam_G, d_A + lam_A)
+    return 1.0 / (torch.outer(d_G, d_A) + damping)
 
 
 def precondition_eigen(

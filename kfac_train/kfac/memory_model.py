@@ -1,4 +1,4 @@
-"""Predicted K-FAC memory and communication per rank, and the ``"auto"`` strategy choice.
+"""Predicted K-FAC memory and communication per rank (used by ``grad_worker_fraction="auto"``).
 
 A pure function of the registered layer shapes, the world size, the gradient-worker fraction and
 the dtypes: no process group, no model. It reproduces exactly what
@@ -20,10 +20,10 @@ size ``g × g`` and a ``g × a`` gradient; ``P`` ranks; ``m = max(1, round(f·P)
   sends eigenvectors and eigenvalues (``a² + a + g² + g`` in the decomposition dtype) instead;
 * ``grad_broadcast`` (every step, every rank, when ``m < P``): ``Σ g·a`` in the gradient dtype.
 
-:func:`choose_grad_worker_fraction` picks, among the fractions ``m/P`` (``m`` dividing ``P``), the
-one with the least predicted network traffic per step whose largest per-rank memory fits a
-budget (payload bytes times the number of ranks they reach, so a broadcast inside a smaller
-group costs less: the reason HYBRID-OPT exists).
+:func:`.auto_strategy.choose_grad_worker_fraction` picks, among the fractions ``m/P`` (``m``
+dividing ``P``), the one with the least predicted network traffic per step whose largest per-rank
+memory fits a budget (payload bytes times the number of ranks they reach, so a broadcast inside a
+smaller group costs less: the reason HYBRID-OPT exists).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .assignment import num_grad_workers, plan_work
-from .kfac_layer import EIGEN, LayerShape
+from .assignment import LayerShape, num_grad_workers, plan_work
 from .precision import default_comm_dtype, factor_storage_dtype
+from .second_order import EIGEN
 
 BATCHNORM_BLOCK = 3  # packed 2×2 symmetric block per channel: [F_γγ, F_γβ, F_ββ]
 
@@ -182,90 +182,3 @@ def predict_footprint(
         network_second_order=network_second_order,
         network_grad=(world_size - m) * grad_bytes,
     )
-
-
-class MemoryBudgetError(ValueError):
-    """No gradient-worker fraction keeps the K-FAC state of every rank within the budget.
-
-    ``smallest_feasible_bytes`` is the least budget that fits (the lowest-memory candidate's).
-    """
-
-    def __init__(self, budget_bytes: int, smallest_feasible_bytes: int, world_size: int):
-        self.budget_bytes = budget_bytes
-        self.smallest_feasible_bytes = smallest_feasible_bytes
-        self.world_size = world_size
-        super().__init__(
-            f"K-FAC state needs at least {smallest_feasible_bytes:,} bytes "
-            f"({smallest_feasible_bytes / 2**20:.2f} MiB) per rank on {world_size} rank(s) "
-            f"for this model; the memory budget is {budget_bytes:,} bytes"
-        )
-
-
-def choose_grad_worker_fraction(
-    shapes: Sequence[LayerShape],
-    world_size: int,
-    memory_budget_bytes: int,
-    *,
-    factor_update_steps: int = 1,
-    inv_update_steps: int = 1,
-    **dtypes_and_options,
-) -> tuple[Footprint, list[Footprint]]:
-    """The fraction with the least network traffic per step whose busiest rank fits the budget
-    (:meth:`Footprint.network_bytes_per_step`).
-
-    ``**dtypes_and_options`` are :func:`predict_footprint`'s keyword arguments. Ties go to the
-    larger fraction (fewer ranks idle while others precondition). Fractions that the options
-    rule out (``colocate_factors=False`` allows only COMM-OPT) are not candidates. Returns the
-    choice and every candidate, in :func:`candidate_fractions` order.
-
-    Raises:
-        MemoryBudgetError: when no candidate fits; it names the smallest feasible budget.
-    """
-    candidates = []
-    for fraction in candidate_fractions(world_size):
-        try:
-            candidates.append(predict_footprint(shapes, world_size, fraction, **dtypes_and_options))
-        except ValueError:
-            continue  # ruled out by the options (e.g. colocate_factors=False below COMM-OPT)
-    fitting = [c for c in candidates if c.max_memory <= memory_budget_bytes]
-    if not fitting:
-        smallest = min(c.max_memory for c in candidates)
-        raise MemoryBudgetError(memory_budget_bytes, smallest, world_size)
-    best = min(
-        fitting,
-        key=lambda c: (
-            c.network_bytes_per_step(factor_update_steps, inv_update_steps),
-            -c.fraction,
-        ),
-    )
-    return best, candidates
-
-
-def format_candidates(
-    candidates: Sequence[Footprint],
-    chosen: Footprint,
-    memory_budget_bytes: int,
-    *,
-    factor_update_steps: int,
-    inv_update_steps: int,
-) -> str:
-    """A small table of the candidates (memory of the busiest rank, network bytes per step)."""
-    rows = [("fraction", "workers", "max memory B", "fits", "network B/step", "")]
-    for c in candidates:
-        rows.append(
-            (
-                f"{c.fraction:.4g}",
-                str(c.grad_workers),
-                f"{c.max_memory:,}",
-                "yes" if c.max_memory <= memory_budget_bytes else "no",
-                f"{c.network_bytes_per_step(factor_update_steps, inv_update_steps):,.0f}",
-                "<- chosen" if c is chosen else "",
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [
-        f"K-FAC strategy auto: memory budget {memory_budget_bytes:,} B per rank, factor update "
-        f"every {factor_update_steps} step(s), inverse update every {inv_update_steps}"
-    ]
-    lines += ["  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)

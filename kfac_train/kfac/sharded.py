@@ -43,3 +43,14 @@ def write_grad(param: torch.Tensor, full: torch.Tensor) -> None:
         src_data_rank=None,
     )
     grad.to_local().copy_(shard.to_local())
+
+
+class ShardedGrads:
+    """The :class:`~kfac_train.kfac.layers.GradAccess` the preconditioner gives its blocks:
+    :func:`full_grad` on read, :func:`write_grad` on write (plain tensors pass through)."""
+
+    def read(self, param: torch.Tensor) -> torch.Tensor | None:
+        return full_grad(param)
+
+    def write(self, param: torch.Tensor, full: torch.Tensor) -> None:
+        write_grad(param, full)

@@ -17,24 +17,14 @@ from torch import nn
 from kfac_train.kfac import KFACPreconditioner
 
 from . import oracle
+from .models import small_cnn
 
 FLOAT64 = {"factor_dtype": torch.float64, "inv_dtype": torch.float64}
 NUM_MICRO_BATCHES = 3
 MICRO_BATCH = 4
 
 
-class SmallCNN(nn.Module):
-    """conv (2→3, 3x3, padding 1) → relu → flatten → linear (3·5·5 → 4)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3, padding=1)
-        self.head = nn.Linear(75, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.conv(x)).flatten(1))
-
-
+SmallCNN = small_cnn  # conv (2→3, 3x3, padding 1) → relu → flatten → linear (3·5·5 → 4)
 LAYERS = ["conv", "head"]
 
 

@@ -77,7 +77,7 @@ def test_compiled_model_gives_the_eager_kfac_updates_over_factor_and_inverse_ste
 def test_graph_breaks_only_between_layers_on_factor_update_steps(collecting: bool):
     model = _model()
     pre = KFACPreconditioner(model, factor_update_steps=2)
-    pre._collecting = collecting  # step 0 collects; what steps 1, 3, ... look like otherwise
+    pre.capture.collecting = collecting  # step 0 collects; what steps 1, 3, ... look like otherwise
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model)(torch.randn(4, 1, 4, 4, dtype=torch.float64))
     expected = len(pre.layer_names) - 1 if collecting else 0

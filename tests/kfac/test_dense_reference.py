@@ -18,6 +18,7 @@ from torch import nn
 from kfac_train.kfac import KFACPreconditioner
 
 from . import oracle
+from .models import strided_cnn
 
 FLOAT64 = {"factor_dtype": torch.float64, "inv_dtype": torch.float64}
 TOLERANCE = 1e-9
@@ -123,16 +124,7 @@ def test_default_float32_factors_match_the_reference_to_float32_accuracy(
     assert oracle.relative_error(oracle.gradient_matrix(model[0]), expected) < 1e-4
 
 
-class ConvThenLinear(nn.Module):
-    """conv (3→4, 3x3, stride 2) → tanh → flatten → linear (4·3·3 → 3)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, stride=2)
-        self.head = nn.Linear(36, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.conv(x)).flatten(1))
+ConvThenLinear = strided_cnn  # conv (3→4, 3x3, stride 2) → tanh → flatten → linear (36 → 3)
 
 
 def _two_layer_problem():

@@ -140,7 +140,7 @@ def test_inv_dtype_matches_the_reference_when_its_range_holds_the_data(
 
     pre, actual = _one_step(model, run_backward, method, damping, inv_dtype=dtype)
 
-    held = pre.layers["0"].A.eigvecs if method == "eigen" else pre.layers["0"].A.inverse
+    held = pre.layers["0"].method.tensors[0]  # Q_A (eigen) or (A + λI)⁻¹ (inverse)
     assert held.dtype == dtype
     expected = oracle.preconditioned(method, A, G, grad, damping)
     assert oracle.relative_error(actual, expected) < TOLERANCE[dtype]

@@ -1,0 +1,286 @@
+"""Second-order methods: how a Kronecker layer turns its factors into a preconditioner.
+
+Each method object belongs to one layer and owns its second-order tensors (their checkpoint
+keys, shapes and dtype), how they are computed, how they precondition a gradient, the identity
+fallback and the damping (including the one π split, :func:`.linalg.pi_split`). Two placements
+use the same object:
+
+* **colocated** (:meth:`SecondOrderMethod.compute`): one rank decomposes or inverts both factors;
+* **per factor** (non-colocated COMM-OPT): the owner of ``A`` runs :meth:`factor_part` for
+  ``"A"``, the owner of ``G`` for ``"G"``; the parts are broadcast to every rank (receivers use
+  :meth:`part_buffers`) and every rank runs :meth:`finish_parts`.
+
+Failures (see ``docs/kfac.md``): a float64 retry that succeeds is reported (rate-limited); a
+failed retry keeps the previous second-order data — the same on every rank, in every placement —
+or, when there is none yet, the identity, which leaves the gradient unpreconditioned.
+
+Shapes: ``A`` is ``(a, a)``, ``G`` is ``(g, g)``, a gradient is ``(g, a)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import linalg, precision
+from .diagnostics import RateLimitedWarner
+
+EIGEN = "eigen"
+INVERSE = "inverse"
+COMPUTE_METHODS = (EIGEN, INVERSE)
+
+Parts = dict[str, list[torch.Tensor]]
+
+
+class SecondOrderMethod:
+    """Base class: the tensors of one layer and the bookkeeping every method shares."""
+
+    name: str = ""
+    #: Checkpoint keys of :attr:`tensors`, in order.
+    keys: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        layer: str,
+        a: int,
+        g: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        warner: RateLimitedWarner,
+        factored_damping: bool = False,
+    ) -> None:
+        self.layer, self.a, self.g = layer, a, g
+        self.dtype, self.device = dtype, device
+        self.warner = warner
+        self.factored_damping = factored_damping
+        #: The data in force, or ``None`` before the first update on a rank that holds it.
+        self.tensors: list[torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ tensors
+    def shapes(self) -> list[tuple[int, ...]]:
+        raise NotImplementedError
+
+    def identity(self) -> list[torch.Tensor]:
+        """Second-order data that leaves a gradient unchanged."""
+        raise NotImplementedError
+
+    def has_data(self) -> bool:
+        return self.tensors is not None
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The tensors in force, allocating empty ones on a rank that is about to receive them."""
+        if self.tensors is None:
+            self.tensors = [
+                torch.empty(s, dtype=self.dtype, device=self.device) for s in self.shapes()
+            ]
+        return self.tensors
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors or ())
+
+    def _store(self, tensors: list[torch.Tensor]) -> None:
+        # Row-major copies: a resumed run (which loads contiguous tensors) then multiplies with
+        # the same memory layout, hence bit-identical results.
+        self.tensors = [self._cast(t) for t in tensors]
+
+    def _cast(self, data: torch.Tensor) -> torch.Tensor:
+        """Data computed in float32 or better, cast to ``inv_dtype`` and clamped to its finite
+        range: ``1/(d_G d_Aᵀ + λ)`` and ``(F + λI)⁻¹`` reach ``1/λ``, beyond float16's 65504
+        when ``λ < 1.53e-5``. Warns (rate-limited) when it clamps; checking costs a host sync
+        only for dtypes narrower than the data's (:func:`precision.exceeds_range`)."""
+        if precision.exceeds_range(data, self.dtype):
+            limit = torch.finfo(self.dtype).max
+            self.warner.warn(
+                "range",
+                self.layer,
+                f"layer {self.layer!r}: second-order data exceeds the range of "
+                f"inv_dtype={precision.dtype_name(self.dtype)} (damping below {1 / limit:.3g}); "
+                f"it is capped at {limit:g}, as if damped more: use inv_dtype=bfloat16 or "
+                f"float32, or damping >= {1 / limit:.3g}",
+            )
+        return precision.to_finite(data, self.dtype).contiguous()
+
+    # ------------------------------------------------------------------ failures
+    def _on_retry(self, factor: str):
+        def report(reason: str) -> None:
+            self.warner.warn(
+                "float64 retry",
+                self.layer,
+                f"{reason} for factor {factor} of layer {self.layer!r}; retried in float64 with "
+                "jitter",
+            )
+
+        return report
+
+    def _fallback(self, what: str, err: Exception, previous: bool) -> None:
+        kept = "its previous second-order data" if previous else "its plain gradient"
+        self.warner.warn(
+            "fallback",
+            self.layer,
+            f"{what} of layer {self.layer!r} failed ({err}); it keeps {kept}",
+        )
+
+    # ------------------------------------------------------------------ compute
+    def compute(self, A: torch.Tensor, G: torch.Tensor, damping: float) -> None:
+        """Colocated update from the running factors ``A`` and ``G``."""
+        raise NotImplementedError
+
+    def factor_part(
+        self, which: str, A: torch.Tensor, G: torch.Tensor, damping: float
+    ) -> list[torch.Tensor]:
+        """Per-factor update on the owner of factor ``which`` (``"A"`` or ``"G"``); returns the
+        tensors to broadcast."""
+        raise NotImplementedError
+
+    def part_buffers(self, which: str, A: torch.Tensor, G: torch.Tensor) -> list[torch.Tensor]:
+        """Buffers that receive factor ``which``'s part on the other ranks."""
+        raise NotImplementedError
+
+    def finish_parts(self, parts: Parts, A: torch.Tensor, G: torch.Tensor, damping: float):
+        """Combine the received parts into the data in force (every rank, same result)."""
+
+    def precondition(self, grad: torch.Tensor) -> torch.Tensor:
+        """The preconditioned gradient ``V`` of shape ``(g, a)``."""
+        raise NotImplementedError
+
+
+class EigenMethod(SecondOrderMethod):
+    """Exact-Tikhonov eigen method: ``V = Q_G[(Q_Gᵀ ∇ Q_A) ⊙ recip]Q_Aᵀ`` with
+    ``recip = 1/(d_G d_Aᵀ + λ)``, or ``1/((d_G + λ_G)(d_A + λ_A)ᵀ)`` with factored damping."""
+
+    name = EIGEN
+    keys = ("Q_A", "Q_G", "recip")
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [(self.a, self.a), (self.g, self.g), (self.g, self.a)]
+
+    def identity(self) -> list[torch.Tensor]:
+        kw = {"dtype": self.dtype, "device": self.device}
+        return [torch.eye(self.a, **kw), torch.eye(self.g, **kw), torch.ones(self.g, self.a, **kw)]
+
+    def _recip(self, d_A, d_G, A, G, damping: float) -> torch.Tensor:
+        split = linalg.pi_split(A, G, damping) if self.factored_damping else None
+        return linalg.eigen_reciprocal(d_G, d_A, damping, split)
+
+    def compute(self, A: torch.Tensor, G: torch.Tensor, damping: float) -> None:
+        try:
+            d_A, Q_A = linalg.eigh(A, self._on_retry("A"))
+            d_G, Q_G = linalg.eigh(G, self._on_retry("G"))
+        except linalg.DecompositionError as err:
+            self._fallback("eigendecomposition", err, self.has_data())
+            if not self.has_data():
+                self.tensors = self.identity()
+            return
+        self._store([Q_A, Q_G, self._recip(d_A, d_G, A, G, damping)])
+
+    def _part_dtype(self, factor: torch.Tensor) -> torch.dtype:
+        return torch.float64 if factor.dtype == torch.float64 else torch.float32
+
+    def factor_part(self, which, A, G, damping) -> list[torch.Tensor]:
+        """``[Q, d]`` of one factor; a failure is sent as NaN eigenvalues, which makes every rank
+        keep its previous data in :meth:`finish_parts`."""
+        factor = A if which == "A" else G
+        try:
+            d, Q = linalg.eigh(factor, self._on_retry(which))
+        except linalg.DecompositionError as err:
+            self._fallback(f"eigendecomposition of factor {which}", err, self.has_data())
+            n, dtype = factor.shape[0], self._part_dtype(factor)
+            Q = torch.eye(n, dtype=dtype, device=factor.device)
+            d = torch.full((n,), float("nan"), dtype=dtype, device=factor.device)
+        return [Q, d]
+
+    def part_buffers(self, which: str, A: torch.Tensor, G: torch.Tensor) -> list[torch.Tensor]:
+        n, dtype = (self.a, self._part_dtype(A)) if which == "A" else (self.g, self._part_dtype(G))
+        return [
+            torch.empty(n, n, dtype=dtype, device=self.device),
+            torch.empty(n, dtype=dtype, device=self.device),
+        ]
+
+    def finish_parts(self, parts: Parts, A: torch.Tensor, G: torch.Tensor, damping: float):
+        (Q_A, d_A), (Q_G, d_G) = parts["A"], parts["G"]
+        if not bool(torch.isfinite(d_A).all() & torch.isfinite(d_G).all()):
+            # The owner warned; every rank received the same marker and decides the same.
+            if not self.has_data():
+                self.tensors = self.identity()
+            return
+        self._store([Q_A, Q_G, self._recip(d_A.to(Q_A.dtype), d_G.to(Q_G.dtype), A, G, damping)])
+
+    def precondition(self, grad: torch.Tensor) -> torch.Tensor:
+        Q_A, Q_G, recip = self.tensors
+        return linalg.precondition_eigen(grad, Q_A, Q_G, recip)
+
+
+class InverseMethod(SecondOrderMethod):
+    """Factored inverse method: ``V = (G + λ_G I)⁻¹ ∇ (A + λ_A I)⁻¹`` with ``λ_A = λ_G = λ``,
+    or the π split of :func:`.linalg.pi_split` with factored damping."""
+
+    name = INVERSE
+    keys = ("A_inv", "G_inv")
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [(self.a, self.a), (self.g, self.g)]
+
+    def identity(self) -> list[torch.Tensor]:
+        kw = {"dtype": self.dtype, "device": self.device}
+        return [torch.eye(self.a, **kw), torch.eye(self.g, **kw)]
+
+    def _dampings(self, A, G, damping: float) -> dict[str, float | torch.Tensor]:
+        if not self.factored_damping:
+            return {"A": damping, "G": damping}
+        lam_A, lam_G = linalg.pi_split(A, G, damping)
+        return {"A": lam_A, "G": lam_G}
+
+    def _inverse(self, which: str, factor: torch.Tensor, lam) -> torch.Tensor:
+        index = 0 if which == "A" else 1
+        previous = None if self.tensors is None else self.tensors[index]
+        try:
+            inverse = linalg.damped_inverse(factor, lam, self._on_retry(which))
+            return self._cast(inverse)
+        except linalg.DecompositionError as err:
+            self._fallback(f"inverse of factor {which}", err, previous is not None)
+            return previous if previous is not None else self.identity()[index]
+
+    def compute(self, A: torch.Tensor, G: torch.Tensor, damping: float) -> None:
+        lam = self._dampings(A, G, damping)
+        self.tensors = [self._inverse("A", A, lam["A"]), self._inverse("G", G, lam["G"])]
+
+    def factor_part(self, which, A, G, damping) -> list[torch.Tensor]:
+        index = 0 if which == "A" else 1
+        lam = self._dampings(A, G, damping)[which]
+        inverse = self._inverse(which, A if which == "A" else G, lam)
+        self.buffers()[index] = inverse
+        return [inverse]
+
+    def part_buffers(self, which: str, A: torch.Tensor, G: torch.Tensor) -> list[torch.Tensor]:
+        return [self.buffers()[0 if which == "A" else 1]]
+
+    def precondition(self, grad: torch.Tensor) -> torch.Tensor:
+        A_inv, G_inv = self.tensors
+        return linalg.precondition_inverse(grad, A_inv, G_inv)
+
+
+def make_method(
+    method: str,
+    layer: str,
+    a: int,
+    g: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    warner: RateLimitedWarner,
+    factored_damping: bool = False,
+) -> SecondOrderMethod:
+    """The method object named ``method`` (one of :data:`COMPUTE_METHODS`)."""
+    classes = {EIGEN: EigenMethod, INVERSE: InverseMethod}
+    if method not in classes:
+        raise ValueError(f"compute_method must be one of {COMPUTE_METHODS}, got {method!r}")
+    return classes[method](layer, a, g, dtype, device, warner, factored_damping)
+
+
+__all__ = [
+    "COMPUTE_METHODS",
+    "EIGEN",
+    "INVERSE",
+    "EigenMethod",
+    "InverseMethod",
+    "SecondOrderMethod",
+    "make_method",
+]
