@@ -358,14 +358,14 @@ class CheckpointConfig:
     Attributes:
         every: save every this many optimizer steps (0 = only at the end and on SIGTERM/SIGUSR1).
         resume: a checkpoint path, "auto" (latest in `dir` if any) or None.
-        keep_last: number of step checkpoints kept in `dir`.
+        keep_last: number of step checkpoints of the run's lineage kept in `dir` (0 = keep all).
         dir: directory of checkpoints (relative paths are inside the run directory).
         at_end: save a final checkpoint when training finishes.
     """
 
     every: int = within(0, NON_NEGATIVE)
     resume: Optional[str] = None
-    keep_last: int = within(2, AT_LEAST_ONE)
+    keep_last: int = within(2, NON_NEGATIVE)
     dir: str = "checkpoints"
     at_end: bool = True
 

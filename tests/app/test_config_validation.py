@@ -66,7 +66,7 @@ CLI_CASES: dict[str, tuple[list[str], str]] = {
     "zero_log_every": (["trainer.log_every=0"], "trainer.log_every"),
     "negative_eval_every": (["trainer.eval_every=-1"], "trainer.eval_every"),
     "unknown_precision": (["trainer.precision=fp8"], "trainer.precision"),
-    "zero_keep_last": (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
+    "negative_keep_last": (["checkpoint.keep_last=-1"], "checkpoint.keep_last"),
     "negative_checkpoint_every": (["checkpoint.every=-1"], "checkpoint.every"),
 }
 
