@@ -130,46 +130,55 @@ class ShardSampler(Sampler[int]):
 
 
 class TorchEpochLoader:
-    """`EpochLoader` over a map-style Dataset: a DataLoader re-made for every epoch.
+    """`EpochLoader` over a map-style Dataset for one rank (`ResumableDistributedSampler`).
 
-    Each epoch's DataLoader gets its own generator seeded with ``seed + epoch`` (worker seeds
-    and any loader randomness then do not consume the global RNG, which keeps resumed runs
-    identical to uninterrupted ones when ``num_workers=0``).
+    Without persistent workers a DataLoader is made for every epoch with its own generator
+    seeded with ``seed + epoch`` (worker seeds and any loader randomness then do not consume the
+    global RNG, which keeps resumed runs identical to uninterrupted ones when ``num_workers=0``).
+    With ``persistent_workers`` (ImageNet) one DataLoader keeps its workers across epochs; the
+    sampler runs in this process, so ``set_epoch`` takes effect at the next ``iter()``.
+    Every micro-batch has ``micro_batch`` samples; ``len()`` is the number per epoch.
     """
 
     def __init__(
         self,
         dataset: Dataset[Any],
-        ctx: BuildContext,
         *,
+        micro_batch: int,
+        rank: int,
+        world_size: int,
+        seed: int,
         num_workers: int = 0,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         shuffle: bool = True,
-        pin_memory: bool | None = None,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        prefetch_factor: int | None = None,
     ) -> None:
         assert isinstance(dataset, Sized), "map-style datasets have a length"
         self.dataset = dataset
-        self.seed = ctx.config.seed
-        self.micro_batch = ctx.micro_batch
+        self.seed = seed
+        self.micro_batch = micro_batch
         self.sampler = ResumableDistributedSampler(
             len(dataset),
-            rank=ctx.dist.rank,
-            world_size=ctx.dist.world_size,
-            micro_batch=ctx.micro_batch,
-            seed=ctx.config.seed,
+            rank=rank,
+            world_size=world_size,
+            micro_batch=micro_batch,
+            seed=seed,
             shuffle=shuffle,
         )
         self.num_workers = num_workers
         self.collate_fn = collate_fn
-        self.pin_memory = ctx.device.type == "cuda" if pin_memory is None else pin_memory
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor if num_workers > 0 else None
         self.epoch = 0
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self._persistent = (
+            self._loader(torch.Generator().manual_seed(seed)) if self.persistent_workers else None
+        )
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch, skip_batches * self.micro_batch)
-
-    def __iter__(self) -> Iterator[Any]:
-        loader = DataLoader(
+    def _loader(self, generator: torch.Generator) -> DataLoader[Any]:
+        return DataLoader(
             self.dataset,
             batch_size=self.micro_batch,
             sampler=self.sampler,
@@ -177,10 +186,19 @@ class TorchEpochLoader:
             collate_fn=self.collate_fn,
             pin_memory=self.pin_memory,
             drop_last=True,
-            generator=torch.Generator().manual_seed(self.seed + self.epoch),
-            persistent_workers=False,
+            generator=generator,
+            persistent_workers=self.persistent_workers,
+            prefetch_factor=self.prefetch_factor,
         )
-        return iter(loader)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch, skip_batches * self.micro_batch)
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._persistent is not None:
+            return iter(self._persistent)
+        return iter(self._loader(torch.Generator().manual_seed(self.seed + self.epoch)))
 
     def __len__(self) -> int:
         return self.sampler.num_per_rank // self.micro_batch
@@ -194,7 +212,16 @@ def make_train_loader(
     collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> TorchEpochLoader:
     """This rank's shuffled training micro-batches of `dataset` (see `TorchEpochLoader`)."""
-    return TorchEpochLoader(dataset, ctx, num_workers=num_workers, collate_fn=collate_fn)
+    return TorchEpochLoader(
+        dataset,
+        micro_batch=ctx.micro_batch,
+        rank=ctx.dist.rank,
+        world_size=ctx.dist.world_size,
+        seed=ctx.config.seed,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        pin_memory=ctx.device.type == "cuda",
+    )
 
 
 def make_eval_loader(
@@ -204,8 +231,12 @@ def make_eval_loader(
     batch_size: int | None = None,
     num_workers: int = 0,
     collate_fn: Callable[[list[Any]], Any] | None = None,
+    pin_memory: bool | None = None,
+    persistent_workers: bool = False,
 ) -> DataLoader[Any]:
-    """This rank's share of `dataset` in order (`ShardSampler`), batches of `batch_size`."""
+    """This rank's share of `dataset` in order (`ShardSampler`), batches of `batch_size`
+    (pinned on CUDA unless `pin_memory` says otherwise; workers kept across evaluations with
+    `persistent_workers`)."""
     assert isinstance(dataset, Sized), "map-style datasets have a length"
     return DataLoader(
         dataset,
@@ -213,6 +244,7 @@ def make_eval_loader(
         sampler=ShardSampler(len(dataset), rank=ctx.dist.rank, world_size=ctx.dist.world_size),
         num_workers=num_workers,
         collate_fn=collate_fn,
-        pin_memory=ctx.device.type == "cuda",
+        pin_memory=ctx.device.type == "cuda" if pin_memory is None else pin_memory,
         generator=torch.Generator().manual_seed(0),
+        persistent_workers=persistent_workers and num_workers > 0,
     )

@@ -42,7 +42,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from kfac_train.config import AT_LEAST_ONE, NON_NEGATIVE, within
-from kfac_train.data.base import DataBundle, ResumableDistributedSampler, ShardSampler
+from kfac_train.data.base import DataBundle, TorchEpochLoader, make_eval_loader
 from kfac_train.data.imagenet_common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -262,13 +262,10 @@ def build_imagenet_datasets(
     return train, val
 
 
-class ImageFolderEpochLoader:
-    """``EpochLoader`` over a :class:`CheckedImageFolder`: one DataLoader, persistent workers.
-
-    The sampler (a :class:`ResumableDistributedSampler`) runs in this process, so
-    ``set_epoch`` takes effect at the next ``iter()`` while the workers stay up. Every
-    micro-batch has ``micro_batch`` samples; ``len()`` is the number per epoch on this rank.
-    """
+class ImageFolderEpochLoader(TorchEpochLoader):
+    """The base `TorchEpochLoader` with persistent workers over a :class:`CheckedImageFolder`,
+    turning a worker's :class:`CorruptImageError` back into its one-line message and reporting
+    skipped (undecodable) images."""
 
     def __init__(
         self,
@@ -282,63 +279,33 @@ class ImageFolderEpochLoader:
         pin_memory: bool,
         prefetch_factor: int,
     ) -> None:
-        self.dataset = dataset
-        self.micro_batch = micro_batch
-        self.sampler = ResumableDistributedSampler(
-            len(dataset), rank=rank, world_size=world_size, micro_batch=micro_batch, seed=seed
-        )
-        self.loader = DataLoader(
+        super().__init__(
             dataset,
-            batch_size=micro_batch,
-            sampler=self.sampler,
+            micro_batch=micro_batch,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
             num_workers=num_workers,
             pin_memory=pin_memory,
-            drop_last=True,
-            persistent_workers=num_workers > 0,
-            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            persistent_workers=True,
+            prefetch_factor=prefetch_factor,
         )
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.sampler.set_epoch(epoch, skip_batches * self.micro_batch)
 
     def __iter__(self) -> Iterator[Any]:
         try:
-            yield from self.loader
+            yield from super().__iter__()
         except CorruptImageError as err:
             raise _reraise_from_worker(err) from None
         if self.dataset.num_skipped:
             log.warning("undecodable training images skipped so far: %d", self.dataset.num_skipped)
 
-    def __len__(self) -> int:
-        return len(self.sampler) // self.micro_batch
-
 
 class ImageFolderEvalLoader:
-    """This rank's share of the validation set (:class:`ShardSampler`), in order.
+    """This rank's share of the validation set (`make_eval_loader`), in order; batches whose
+    images were all undecodable (skip mode) are left out."""
 
-    Batches whose images were all undecodable (skip mode) are left out.
-    """
-
-    def __init__(
-        self,
-        dataset: CheckedImageFolder,
-        *,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        num_workers: int,
-        pin_memory: bool,
-    ) -> None:
-        self.dataset = dataset
-        self.loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=ShardSampler(len(dataset), rank=rank, world_size=world_size),
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            collate_fn=collate_skipping_none,
-            persistent_workers=num_workers > 0,
-        )
+    def __init__(self, dataset: CheckedImageFolder, loader: DataLoader[Any]) -> None:
+        self.dataset, self.loader = dataset, loader
 
     def __iter__(self) -> Iterator[Any]:
         try:
@@ -379,10 +346,14 @@ def build_imagenet(cfg: ImageNetDataConfig, ctx: BuildContext) -> DataBundle:
     )
     eval_loader = ImageFolderEvalLoader(
         val,
-        batch_size=cfg.eval_batch_size or ctx.micro_batch,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        num_workers=cfg.num_workers,
-        pin_memory=pin,
+        make_eval_loader(
+            val,
+            ctx,
+            batch_size=cfg.eval_batch_size or ctx.micro_batch,
+            num_workers=cfg.num_workers,
+            collate_fn=collate_skipping_none,
+            pin_memory=pin,
+            persistent_workers=True,
+        ),
     )
     return DataBundle(train=train_loader, eval=eval_loader, num_train_samples=len(train))

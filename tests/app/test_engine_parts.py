@@ -12,7 +12,6 @@ import torch
 
 from kfac_train.config import KFACConfig, ScheduleConfig
 from kfac_train.data.base import ResumableDistributedSampler, ShardSampler, require_dir
-from kfac_train.distributed import expand_nodelist, launcher_env
 from kfac_train.engine.batching import plan_batches
 from kfac_train.engine.checkpoint import (
     capture_rng,
@@ -162,48 +161,6 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path: Path):
     restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
-
-
-# ------------------------------------------------------------------------ launch environment
-@pytest.mark.parametrize(
-    ("nodelist", "hosts"),
-    [
-        ("node[01-03,07]", ["node01", "node02", "node03", "node07"]),
-        ("gpu5", ["gpu5"]),
-        ("a[8-10],b2", ["a8", "a9", "a10", "b2"]),
-        ("c[098-100]", ["c098", "c099", "c100"]),
-    ],
-)
-def test_slurm_node_lists_are_expanded(nodelist, hosts):
-    assert expand_nodelist(nodelist) == hosts
-
-
-def test_srun_tasks_find_rank_world_and_the_master_host():
-    env = {
-        "SLURM_PROCID": "5",
-        "SLURM_NTASKS": "8",
-        "SLURM_LOCALID": "1",
-        "SLURM_JOB_NODELIST": "gpu[12-13]",
-        "SLURM_JOB_ID": "4321",
-    }
-    assert launcher_env(env) == {
-        "RANK": "5",
-        "WORLD_SIZE": "8",
-        "LOCAL_RANK": "1",
-        "MASTER_ADDR": "gpu12",
-        "MASTER_PORT": str(29500 + 321),
-    }
-    torchrun = {
-        **env,
-        "RANK": "0",
-        "WORLD_SIZE": "2",
-        "LOCAL_RANK": "0",
-        "MASTER_ADDR": "h",
-        "MASTER_PORT": "1",
-    }
-    assert launcher_env(torchrun)["WORLD_SIZE"] == "2"  # torchrun inside srun wins
-    assert launcher_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None
-    assert launcher_env({}) is None
 
 
 def test_all_ranks_of_a_launch_name_the_same_run_directory():

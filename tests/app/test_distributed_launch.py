@@ -40,6 +40,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
         ("login1", ["login1"]),
         ("rack-a[1-2],rack-b[9]", ["rack-a1", "rack-a2", "rack-b9"]),
         ("n[7],m[001-002]", ["n7", "m001", "m002"]),
+        ("a[8-10],b2", ["a8", "a9", "a10", "b2"]),
+        ("c[098-100]", ["c098", "c099", "c100"]),
     ],
 )
 def test_slurm_node_lists_expand_to_host_names_in_order(nodelist: str, hosts: list[str]) -> None:
