@@ -580,7 +580,7 @@ class Trainer:
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "stop_request": {CONTINUE: None, REQUEUE: "requeue", STOP: "stop"}[self.stop_code],
         }
-        memory = p.preconditioner.memory_bytes()
+        memory = p.preconditioner.memory_bytes(transient=True)  # + the peak a step allocates
         comm = p.preconditioner.comm_bytes().get("total", {})
         if memory or comm:
             summary["kfac"] = {"memory_bytes": memory, "comm_bytes_total": comm}

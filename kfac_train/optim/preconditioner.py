@@ -28,7 +28,7 @@ class Preconditioner(Protocol):
 
     def comm_bytes(self) -> dict[str, dict[str, int]]: ...
 
-    def memory_bytes(self) -> dict[str, int]: ...
+    def memory_bytes(self, transient: bool = False) -> dict[str, int]: ...
 
 
 class NoPreconditioner:
@@ -49,7 +49,7 @@ class NoPreconditioner:
     def comm_bytes(self) -> dict[str, dict[str, int]]:
         return {"step": {}, "total": {}}
 
-    def memory_bytes(self) -> dict[str, int]:
+    def memory_bytes(self, transient: bool = False) -> dict[str, int]:
         return {}
 
 
