@@ -96,6 +96,8 @@ BATCHNORM_MODES = ("skip", "unit_wise")
 CONV_FACTORS = ("patches", "spatial_mean")
 GRAD_SCALINGS = ("mean", "per_example")
 ASSIGNMENT_COSTS = ("compute", "memory")
+STALE_MODES = ("off", "adaptive")
+FISHER_ESTIMATES = ("empirical", "mc")
 
 
 def one_of(default: Any, choices: tuple[str, ...]) -> Any:
@@ -241,7 +243,10 @@ class KFACConfig:
     Dtypes are names of torch dtypes (`DTYPES`). `inv_update_steps` must be a multiple of
     `factor_update_steps` (second-order data is recomputed right after a factor update, never
     from factors that have not changed). `damping`, `factor_decay` and `kl_clip` default to the
-    library's defaults (`KFACPreconditioner`).
+    library's defaults (`KFACPreconditioner`). `stale=adaptive`: SP-NGD's per-statistic refresh
+    intervals with similarity threshold `stale_threshold` (the library's `stale`). `fisher=mc`:
+    G from the loss of `mc_samples` label draws from the model's predictive distribution
+    (`Task.sample_fisher_loss`); `empirical`: from the true loss.
     """
 
     factor_update_steps: int = within(10, AT_LEAST_ONE)
@@ -261,6 +266,10 @@ class KFACConfig:
     damping_gamma: float = within(0.5, POSITIVE)
     interval_milestones: list[float] = within([], NON_NEGATIVE, ascending=True)
     interval_factor: int = within(10, AT_LEAST_ONE)
+    stale: str = one_of(library_default("stale"), STALE_MODES)
+    stale_threshold: float = within(library_default("stale_threshold"), POSITIVE)
+    fisher: str = one_of("empirical", FISHER_ESTIMATES)
+    mc_samples: int = within(1, AT_LEAST_ONE)
 
 
 @dataclass

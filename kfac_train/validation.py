@@ -16,6 +16,7 @@ What is checked:
 - the rules that relate fields: ``kfac.inv_update_steps`` a multiple of
   ``kfac.factor_update_steps``; ``kfac.skip_layers`` valid regular expressions; the global
   batch split into ``trainer.micro_batch`` x ranks (`kfac_train.engine.batching.plan_batches`);
+  ``kfac.fisher=mc`` only with a task that samples labels (`Task.samples_fisher`);
   ``schedule.decay_end`` after ``schedule.decay_start``; a run length
   (``trainer.max_steps``/``max_epochs``); ``trainer.target_value`` with ``target_metric``.
 """
@@ -32,7 +33,7 @@ from kfac_train.config import KFACConfig, Range, RunConfig
 from kfac_train.engine.batching import plan_batches
 from kfac_train.errors import UserError
 from kfac_train.kfac import resolve_grad_worker_fraction
-from kfac_train.registry import LOGGERS, OPTIMIZERS, SCHEDULES
+from kfac_train.registry import LOGGERS, OPTIMIZERS, SCHEDULES, TASKS
 
 
 def show(value: Any) -> str:
@@ -113,6 +114,18 @@ def check_registered(config: RunConfig) -> None:
             raise refuse(key, name, f"choose one of {', '.join(registry.names())}")
 
 
+def check_fisher(config: RunConfig) -> None:
+    """``kfac.fisher=mc`` needs a task that can sample labels from its predictions."""
+    if config.optim.preconditioner != "kfac" or config.kfac.fisher != "mc":
+        return
+    task = config.task.name
+    if not TASKS.get(task).samples_fisher():
+        raise UserError(
+            f"kfac.fisher=mc: task={task} has no rule to sample labels from its predictive "
+            "distribution; use kfac.fisher=empirical"
+        )
+
+
 def check_run(config: RunConfig, world_size: int) -> None:
     plan_batches(config.batch.size, config.trainer.micro_batch, world_size)
     trainer, schedule = config.trainer, config.schedule
@@ -142,5 +155,6 @@ def validate(config: RunConfig, world_size: int | None = None) -> None:
     check_fields(config, "")
     check_registered(config)
     check_kfac(config.kfac)
+    check_fisher(config)
     check_grad_worker_fraction(config.strategy.grad_worker_fraction, world)
     check_run(config, world)

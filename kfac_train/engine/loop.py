@@ -55,6 +55,7 @@ from kfac_train.engine.checkpoint import (
     restore_rng,
     state_tensors,
 )
+from kfac_train.engine.fisher import FisherSampling
 from kfac_train.engine.outputs import RunOutputs
 from kfac_train.engine.signals import (
     CONTINUE,
@@ -110,6 +111,7 @@ class Trainer:
         self._run_start_step = 0
         inner = getattr(parts.model, "_orig_mod", parts.model)  # under torch.compile
         self.ddp = inner if isinstance(inner, nn.parallel.DistributedDataParallel) else None
+        self.fisher = FisherSampling(parts.config.kfac, parts.preconditioner, parts.task)
         self._window_loss = torch.zeros((), device=parts.dist.device)
         self._window_logs: dict[str, torch.Tensor] = {}
         self._window_steps = 0
@@ -281,8 +283,9 @@ class Trainer:
                 else contextlib.nullcontext()
             )
             with sync:
-                with p.autocast():
+                with p.autocast(), self.fisher.recording():
                     out = p.task.training_loss(p.model, batch)
+                self.fisher.add_output_grads(out, batch, lambda loss: p.scaler.scale(loss / k))
                 p.scaler.scale(out.loss / k).backward()
             self._window_loss += out.loss.detach().float() / k
             self._window_units += p.task.throughput_count(batch)
@@ -385,6 +388,7 @@ class Trainer:
                 "comm_bytes_total": sum(comm.get("total", {}).values()),
                 "comm_bytes": comm.get("total", {}),
                 "memory_bytes": memory,
+                **self._statistics_fraction(),
             }
         self._emit(record)
         self._window_loss = torch.zeros((), device=p.dist.device)
@@ -583,5 +587,14 @@ class Trainer:
         memory = p.preconditioner.memory_bytes(transient=True)  # + the peak a step allocates
         comm = p.preconditioner.comm_bytes().get("total", {})
         if memory or comm:
-            summary["kfac"] = {"memory_bytes": memory, "comm_bytes_total": comm}
+            summary["kfac"] = {
+                "memory_bytes": memory,
+                "comm_bytes_total": comm,
+                **self._statistics_fraction(),
+            }
         return summary
+
+    def _statistics_fraction(self) -> dict[str, float]:
+        """K-FAC's ``statistics_fraction`` (stale statistics, docs/kfac.md); {} for baselines."""
+        fraction = getattr(self.p.preconditioner, "statistics_fraction", None)
+        return {} if fraction is None else {"statistics_fraction": fraction}

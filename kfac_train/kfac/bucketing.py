@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
@@ -87,12 +87,20 @@ class FactorAllReducer:
         elem = torch.empty((), dtype=self.comm_dtype).element_size()
         return self._total_len * elem
 
-    def start_step(self) -> None:
-        self._ready: dict[str, list[torch.Tensor]] = {}
+    def start_step(self, idle: Collection[str] = ()) -> None:
+        """Begin a factor step; the layers in ``idle`` send nothing at it (stale statistics).
+
+        A layer's list may also hold ``None`` for a statistic it does not send this step. Which
+        statistics are sent must be the same on every rank (each bucket sends what its layers
+        hold; a bucket with nothing to send issues no collective).
+        """
+        self._ready: dict[str, list[torch.Tensor | None]] = {
+            name: [None] * len(self._specs[name]) for name in idle
+        }
         self._launched = 0
         self._pending: list[tuple[Pending, torch.Tensor, list[str]]] = []
 
-    def mark_ready(self, name: str, factors: list[torch.Tensor]) -> None:
+    def mark_ready(self, name: str, factors: list[torch.Tensor | None]) -> None:
         """Record a layer's local batch factors; launch every bucket that became complete."""
         self._ready[name] = factors
         while self._launched < len(self.buckets) and all(
@@ -105,20 +113,26 @@ class FactorAllReducer:
         pieces = []
         for name in names:
             for f, (_, symmetric) in zip(self._ready[name], self._specs[name], strict=True):
-                pieces.append(self._codec.pack(f) if self._packs(symmetric) else f.reshape(-1))
+                if f is not None:
+                    pieces.append(self._codec.pack(f) if self._packs(symmetric) else f.reshape(-1))
+        if not pieces:
+            return
         buffer = torch.cat([p.to(self.comm_dtype) for p in pieces])
         self._pending.append((self.comm.allreduce_sum(buffer, FACTOR_ALLREDUCE), buffer, names))
 
-    def finish(self, local: Callable[[str], list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+    def finish(
+        self, local: Callable[[str], list[torch.Tensor | None]]
+    ) -> dict[str, list[torch.Tensor | None]]:
         """Launch the remaining buckets (``local(name)`` supplies a layer's tensors if it never
-        became ready) and return every layer's rank-averaged factors, in their original dtype."""
+        became ready) and return every layer's rank-averaged factors, in their original dtype
+        (``None`` for what was not sent)."""
         for names in self.buckets[self._launched :]:
             for name in names:
                 if name not in self._ready:
                     self._ready[name] = local(name)
             self._launch(names)
         self._launched = len(self.buckets)
-        averaged: dict[str, list[torch.Tensor]] = {}
+        averaged = {name: list(self._ready[name]) for names in self.buckets for name in names}
         world = self.comm.world_size
         for pending, buffer, names in self._pending:
             pending.wait()
@@ -127,6 +141,9 @@ class FactorAllReducer:
             for name in names:
                 out = []
                 for f, (shape, symmetric) in zip(self._ready[name], self._specs[name], strict=True):
+                    if f is None:
+                        out.append(None)
+                        continue
                     length = self._packed_len(shape, symmetric)
                     chunk = buffer[offset : offset + length]
                     offset += length

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -89,6 +89,9 @@ class StatisticsCapture:
         self.on_complete = on_complete
         #: Whether this step collects statistics (set by the preconditioner).
         self.collecting = False
+        #: Inside :meth:`sampled_output_grads`: outputs recorded for the sampled losses.
+        self.defer_output_grads = False
+        self._deferred: list[tuple[Any, GradCallback, torch.Tensor]] = []
         self._by_module = {block.module: block for block in blocks.values()}
         self._handles = [
             block.module.register_forward_hook(self._forward_hook) for block in blocks.values()
@@ -110,10 +113,51 @@ class StatisticsCapture:
         the output's gradient. Kept out of compiled graphs (one graph break per registered layer
         on these steps only): it mutates Python state, which graphs cannot."""
         block = self._by_module[module]
+        if not any(f.active for f in block.factors()):
+            return  # every statistic of the block is stale this step (.stale)
         with torch.no_grad(), no_autocast(inputs[0].device):
             callback = block.on_forward(inputs, output)
         if callback is not None and isinstance(output, torch.Tensor) and output.requires_grad:
-            output.register_hook(partial(self._output_grad_hook, block, callback))
+            if self.defer_output_grads:
+                self._deferred.append((block, callback, output))
+            else:
+                output.register_hook(partial(self._output_grad_hook, block, callback))
+
+    @contextlib.contextmanager
+    def sampled_output_grads(self) -> Iterator[None]:
+        """Forwards within record each block's output instead of hooking its gradient: the
+        output-gradient statistics then come from :meth:`add_sampled_output_grads` (the
+        Monte-Carlo Fisher), and a later backward of the true loss leaves them alone."""
+        self.defer_output_grads = True
+        try:
+            yield
+        finally:
+            self.defer_output_grads = False
+
+    def add_sampled_output_grads(self, losses: Sequence[torch.Tensor]) -> None:
+        """Output-gradient statistics of the outputs recorded under :meth:`sampled_output_grads`
+        from ``losses``, each the loss of one draw of labels sampled from the model (scaled
+        like the true loss: ``1/k`` and the AMP loss scale). With ``S`` draws a block's ``g``
+        rows of all draws form one statistic: the mean over draws of the one-draw statistic.
+
+        Uses ``torch.autograd.grad`` with respect to the recorded outputs only (the graph is
+        kept for the true loss's backward): no parameter gradient is touched, so DDP's gradient
+        hooks do not fire.
+        """
+        recorded, self._deferred = self._deferred, []
+        if not recorded or not losses:
+            return
+        outputs = [output for _, _, output in recorded]
+        draws = [
+            torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
+            for loss in losses
+        ]
+        for i, (block, callback, _) in enumerate(recorded):
+            grads = [draw[i] for draw in draws if draw[i] is not None]
+            if grads:
+                with torch.no_grad(), no_autocast(grads[0].device):
+                    callback(torch.cat(grads).detach(), self.g_multiplier(grads[0]))
+                self.on_complete(block)
 
     def _output_grad_hook(self, block: Any, callback: GradCallback, grad: torch.Tensor) -> None:
         with torch.no_grad(), no_autocast(grad.device):

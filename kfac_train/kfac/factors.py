@@ -48,6 +48,8 @@ class Factor:
         )
         self._batch_sum: torch.Tensor | None = None
         self.batch_count = 0
+        #: Whether this step collects the statistic (``False``: skipped as stale, :mod:`.stale`).
+        self.active = True
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -58,7 +60,10 @@ class Factor:
         self.add(precision.gram_mean(rows, self.stat_dtype))
 
     def add(self, stat: torch.Tensor) -> None:
-        """Add one micro-batch's statistic (already in the running average's shape)."""
+        """Add one micro-batch's statistic (already in the running average's shape); ignored
+        while the statistic is not :attr:`active`."""
+        if not self.active:
+            return
         stat = stat.to(self.dtype)
         if self.running.device != stat.device:
             self.running = self.running.to(stat.device)

@@ -70,9 +70,10 @@ class KFACLayer:
     # ------------------------------------------------------------------ statistics (hooks)
     def on_forward(self, inputs: tuple[Any, ...], output: Any) -> GradCallback | None:
         """Add the micro-batch's input statistic to ``A``; the callback adds the output-gradient
-        statistic to ``G``."""
-        self.accumulate_input(inputs[0].detach())
-        return self.accumulate_output_grad
+        statistic to ``G`` (each only while :attr:`.Factor.active`)."""
+        if self.A.active:
+            self.accumulate_input(inputs[0].detach())
+        return self.accumulate_output_grad if self.G.active else None
 
     def accumulate_input(self, x: torch.Tensor) -> None:
         rows = self.handler.input_rows(self.module, x)

@@ -30,6 +30,7 @@ from .precision import check_dtypes
 from .reduction import FactorReduction
 from .second_order import EIGEN
 from .sharded import ShardedGrads
+from .stale import DEFAULT_THRESHOLD
 
 
 class KFACPreconditioner:
@@ -68,6 +69,8 @@ class KFACPreconditioner:
         colocate_factors: bool = True,
         assignment_cost: str = "compute",
         overlap_comm: bool = True,
+        stale: str = "off",
+        stale_threshold: float = DEFAULT_THRESHOLD,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
         check_choices(
@@ -151,6 +154,8 @@ class KFACPreconditioner:
             bucket_cap_bytes=int(bucket_cap_mb * 2**20),
             symmetry_aware=symmetry_aware,
             comm_dtype=comm_dtype,
+            stale=stale,
+            stale_threshold=stale_threshold,
         )
         self.capture = StatisticsCapture(
             self.blocks,
@@ -161,7 +166,7 @@ class KFACPreconditioner:
         )
         self.steps = 0
         self._refresh_factors = self._refresh_second_order = False
-        self.capture.collecting = self._factor_update_due(0)
+        self._arm()
         self.last_kl_scale = torch.ones((), device=self.reduction.dropped.device)
 
     @property
@@ -172,30 +177,24 @@ class KFACPreconditioner:
         """Detach every hook from the model (the preconditioner stops collecting statistics)."""
         self.capture.remove()
 
-    def _factor_update_due(self, step: int) -> bool:
-        return self._refresh_factors or is_due(
-            self.factor_update_steps, step, "factor_update_steps"
-        )
+    def _arm(self) -> None:  # before the next forward: collect statistics? which (.stale)?
+        due = is_due(self.factor_update_steps, self.steps, "factor_update_steps")
+        self.reduction.prepare(collecting=self._refresh_factors or due, capture=self.capture)
+
+    @property
+    def statistics_fraction(self) -> float:  # refreshes computed / all at every factor step
+        return self.reduction.schedule.fraction
 
     # ------------------------------------------------------------------ the step
     def step(self) -> None:
-        """Precondition the gradients in place.
-
-        Phases and their communication (``P`` ranks, ``m`` gradient workers per layer):
-
-        1. *Reduce factors* (factor-update steps, :mod:`.reduction`): batch statistics are
-           averaged over all ranks by bucketed all-reduces and folded into the running averages.
-        2. *Second-order data* (inverse-update steps): each layer's owner decomposes (eigen) or
-           inverts its factors and broadcasts the result to the layer's other gradient workers
-           (none under MEM-OPT); replicated blocks (BatchNorm) are computed by every rank.
-        3. *Precondition*: each gradient worker preconditions its layers' gradients.
-        4. *Broadcast gradients* (when ``m < P``): each gradient worker sends the preconditioned
-           gradient to its receiver group (none under COMM-OPT).
-        5. *Clip and write*: every rank scales by the KL-clip factor ν and writes ``.grad``.
-
-        A block without a gradient on this rank counts as a zero gradient, so every rank takes
-        part in the same collectives; its ``.grad`` stays ``None``.
-        """
+        """Precondition the gradients in place. Phases (``P`` ranks, ``m`` gradient workers):
+        1. *reduce factors* on factor-update steps (:mod:`.reduction`: bucketed all-reduces,
+        folded into the running averages; stale statistics skipped, :mod:`.stale`); 2.
+        *second-order data* on inverse-update steps: each layer's owner decomposes or inverts
+        and broadcasts to its other gradient workers (none under MEM-OPT), replicated blocks on
+        every rank; 3. *precondition* on the gradient workers; 4. *broadcast gradients* when
+        ``m < P`` (none under COMM-OPT); 5. *clip and write* (KL-clip ν). A block without a
+        gradient on a rank counts as zero (same collectives everywhere; ``.grad`` stays None)."""
         step = self.steps
         if self.capture.collecting:
             self.reduction.reduce(float(resolve(self.factor_decay, step)), step)
@@ -207,7 +206,7 @@ class KFACPreconditioner:
         broadcast_preconditioned(self.plan, self.comm, self._planned, preconditioned)
         self._clip_and_write(preconditioned, grads, step)
         self.steps += 1
-        self.capture.collecting = self._factor_update_due(self.steps)
+        self._arm()
         self.comm.stats.end_step()
 
     def _update_second_order(self, damping: float) -> None:
@@ -270,17 +269,18 @@ class KFACPreconditioner:
             steps=self.steps,
             compute_method=self.compute_method,
             include_factors=include_factors,
+            schedule=self.reduction.schedule,
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (from any world size and strategy)."""
         steps, refresh_factors, refresh_second_order = checkpoint.load_state_dict(
-            self.blocks, self.plan, self.comm, state
+            self.blocks, self.plan, self.comm, state, self.reduction.schedule
         )
         self.steps = steps
         self._refresh_factors |= refresh_factors
         self._refresh_second_order |= refresh_second_order
-        self.capture.collecting = self._factor_update_due(self.steps)
+        self._arm()
 
     # ------------------------------------------------------------------ reporting
     def comm_bytes(self) -> dict[str, dict[str, int]]:

@@ -6,6 +6,9 @@ With ``overlap_comm`` a block's statistics are handed to the bucketed all-reduce
 block has run as often as on the first factor-update step. A block without statistics on a rank
 (a branch unused there) contributes its running average, which every rank holds identically, so
 all ranks issue the same collectives in the same order.
+
+With stale statistics (:mod:`.stale`) only the statistics due at a factor step are computed,
+sent and folded; the schedule also counts the refreshes (``statistics_fraction``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 
 from .bucketing import FactorAllReducer
 from .comm import Communicator
+from .stale import DEFAULT_THRESHOLD, MODES, StaleStatistics
 
 
 class FactorReduction:
@@ -31,8 +35,16 @@ class FactorReduction:
         bucket_cap_bytes: int,
         symmetry_aware: bool,
         comm_dtype: torch.dtype,
+        stale: str = "off",
+        stale_threshold: float = DEFAULT_THRESHOLD,
     ) -> None:
+        if stale not in MODES:
+            raise ValueError(f"stale must be one of {MODES}, got {stale!r}")
         self.blocks = blocks
+        keys = [(n, i) for n, b in blocks.items() for i in range(len(b.factors()))]
+        self.schedule = StaleStatistics(
+            keys, adaptive=stale == "adaptive", threshold=stale_threshold
+        )
         self.overlap_comm = overlap_comm
         self.reducer: FactorAllReducer | None = None
         if comm.world_size > 1:
@@ -55,7 +67,20 @@ class FactorReduction:
 
     @staticmethod
     def _counts(block: Any) -> set[int]:
-        return {f.batch_count for f in block.factors()}
+        return {f.batch_count for f in block.factors() if f.active}
+
+    def prepare(self, *, collecting: bool, capture: Any) -> None:
+        """Before a step's forward: set ``capture.collecting`` and mark which statistics the
+        step computes (all on a factor-update step, or those the stale schedule has due)."""
+        capture.collecting = collecting
+        idle = []
+        for name, block in self.blocks.items():
+            for index, factor in enumerate(block.factors()):
+                factor.active = collecting and self.schedule.due((name, index))
+            if not any(f.active for f in block.factors()):
+                idle.append(name)
+        if self.reducer is not None and collecting:
+            self.reducer.start_step(idle)
 
     def on_complete(self, block: Any) -> None:
         """Backward hook callback: start the block's all-reduce once its statistics are whole."""
@@ -64,16 +89,19 @@ class FactorReduction:
         calls = self._calls_per_step.get(block.name, 0)
         if calls and self._counts(block) == {calls}:
             self._sent_early[block.name] = calls
-            self.reducer.mark_ready(block.name, [f.batch() for f in block.factors()])
+            self.reducer.mark_ready(
+                block.name, [f.batch() if f.active else None for f in block.factors()]
+            )
 
-    def _local(self, name: str) -> list[torch.Tensor]:
-        """This rank's batch statistics; a block without statistics here contributes its running
-        averages, which leaves the average unchanged if no rank saw the block."""
+    def _local(self, name: str) -> list[torch.Tensor | None]:
+        """This rank's batch statistics (``None`` where not active); a block without statistics
+        here contributes its running averages, which leaves the average unchanged if no rank
+        saw the block."""
         factors = self.blocks[name].factors()
         batches = [f.batch() for f in factors]
-        if any(b is None for b in batches):
-            return [f.running for f in factors]
-        return batches
+        if any(b is None for b, f in zip(batches, factors, strict=True) if f.active):
+            batches = [f.running for f in factors]
+        return [b if f.active else None for b, f in zip(batches, factors, strict=True)]
 
     def reduce(self, decay: float, step: int) -> None:
         """Average this step's statistics over ranks and fold them into the running averages."""
@@ -101,19 +129,29 @@ class FactorReduction:
                 if len(counts := self._counts(block)) == 1
             }
         if self.reducer is None:
-            batches = {n: [f.batch() for f in b.factors()] for n, b in self.blocks.items()}
+            batches = {
+                n: [f.batch() if f.active else None for f in b.factors()]
+                for n, b in self.blocks.items()
+            }
         else:
             batches = self.reducer.finish(self._local)
+        refreshed = {}
         for name, block in self.blocks.items():
             factors, stats = block.factors(), batches[name]
-            if all(s is not None for s in stats):
+            sent = [
+                (i, f, s) for i, (f, s) in enumerate(zip(factors, stats, strict=True)) if f.active
+            ]
+            if sent and all(s is not None for _, _, s in sent):
                 # An overflow step drops the block's statistics together (A and G).
-                keep = torch.stack([torch.isfinite(s).all() for s in stats]).all()
-                for factor, stat in zip(factors, stats, strict=True):
+                keep = torch.stack([torch.isfinite(s).all() for _, _, s in sent]).all()
+                for index, factor, stat in sent:
                     factor.update_running(stat, decay, keep)
+                    # The schedule compares the factor in force (non-finite when dropped).
+                    refreshed[(name, index)] = torch.where(keep, factor.running, stat)
                 self.dropped = self.dropped.to(keep.device) + ~keep
             for factor in factors:
                 factor.reset_batch()
+        self.schedule.observe(refreshed)
 
     def warn_dropped(self) -> None:
         """Warn about statistics dropped since the last call (reads the count: a host sync)."""

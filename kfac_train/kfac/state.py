@@ -5,7 +5,8 @@ Layout (unchanged since the first release)::
 
     {"steps": int, "compute_method": "eigen" | "inverse",
      "layers":    {name: {"A", "G", "Q_A", "Q_G", "recip"} or {"A", "G", "A_inv", "G_inv"}},
-     "batchnorm": {name: {"F", "F_inv"}}}
+     "batchnorm": {name: {"F", "F_inv"}},
+     "statistics_schedule": {...}}  # .stale.StaleStatistics.state_dict(); absent before it
 
 A block's entry lives in its ``state_section`` and uses its ``factor_keys`` and its method's
 ``keys``; second-order keys are present only where the data existed.
@@ -19,6 +20,7 @@ import torch
 
 from .assignment import WorkPlan
 from .comm import Communicator
+from .stale import StaleStatistics
 
 SECTIONS = ("layers", "batchnorm")
 
@@ -57,6 +59,7 @@ def state_dict(
     steps: int,
     compute_method: str,
     include_factors: bool,
+    schedule: StaleStatistics | None = None,
 ) -> dict[str, Any]:
     """A collective in distributed runs: every rank must call it; rank 0's result is complete."""
     state: dict[str, Any] = {"steps": steps, "compute_method": compute_method}
@@ -68,13 +71,20 @@ def state_dict(
                 entry[key] = factor.running.detach().clone()
             entry.update(_second_order(block, plan, comm))
         state[block.state_section][name] = entry
+    if schedule is not None:
+        state["statistics_schedule"] = schedule.state_dict()
     return state
 
 
 def load_state_dict(
-    blocks: dict[str, Any], plan: WorkPlan, comm: Communicator, state: dict[str, Any]
+    blocks: dict[str, Any],
+    plan: WorkPlan,
+    comm: Communicator,
+    state: dict[str, Any],
+    schedule: StaleStatistics | None = None,
 ) -> tuple[int, bool, bool]:
-    """Restore ``state`` into ``blocks``.
+    """Restore ``state`` into ``blocks`` (and the statistics ``schedule``; a state without one
+    starts it afresh).
 
     Returns ``(steps, refresh_factors, refresh_second_order)``: what the next step must rebuild
     because the state did not hold it.
@@ -110,4 +120,6 @@ def load_state_dict(
             continue
         for target, key in zip(method.buffers(), method.keys, strict=True):
             target.copy_(entry[key].to(device=target.device, dtype=target.dtype))
+    if schedule is not None:
+        schedule.load_state_dict(state.get("statistics_schedule"))
     return int(state["steps"]), refresh_factors, refresh_second_order

@@ -124,6 +124,8 @@ def build_preconditioner(
             colocate_factors=strategy.colocate_factors,
             assignment_cost=strategy.assignment_cost,
             overlap_comm=strategy.overlap_comm,
+            stale=kfac.stale,
+            stale_threshold=kfac.stale_threshold,
         )
     except MemoryBudgetError as error:
         raise UserError(

@@ -12,6 +12,8 @@ Conventions:
 - `training_loss` returns the loss of one micro-batch as a 0-d tensor, **averaged over the
   micro-batch** (the engine divides by the accumulation steps), and optional extra 0-d tensors
   to log. It must not call ``.item()`` (no host syncs in the step).
+- `sample_fisher_loss` (optional) returns the loss of labels sampled from the model's
+  predictive distribution, for ``kfac.fisher=mc``; tasks without a sampling rule refuse it.
 - An `Evaluator` accumulates tensors over this rank's share of the evaluation set (shards do not
   overlap) and `compute()` reduces them across ranks — a collective every rank calls — and
   returns plain floats, identical on every rank.
@@ -35,10 +37,12 @@ from kfac_train.errors import UserError
 
 @dataclass
 class LossOutput:
-    """`loss`: 0-d tensor (mean over the micro-batch); `logs`: extra 0-d tensors to log."""
+    """`loss`: 0-d tensor (mean over the micro-batch); `logs`: extra 0-d tensors to log;
+    `output`: the model output the loss came from (what `Task.sample_fisher_loss` reads)."""
 
     loss: torch.Tensor
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
+    output: Any = None
 
 
 class Evaluator(abc.ABC):
@@ -137,6 +141,25 @@ class Task(abc.ABC):
             f"data=synthetic is not available for task={self.cfg.name}: choose a real dataset"
         )
 
+    def sample_fisher_loss(self, output: Any, batch: Any) -> torch.Tensor:
+        """The loss of labels drawn from the model's predictive distribution (``kfac.fisher=mc``,
+        the Monte-Carlo Fisher of Ba et al. Eq. 1 / SP-NGD's F_1mc), averaged like
+        `training_loss`.
+
+        `output` is `LossOutput.output` of this micro-batch's `training_loss` (its graph is kept);
+        the labels are drawn without gradient, the loss stays differentiable in `output`. Tasks
+        without a sampling rule keep this default, which refuses (`samples_fisher`).
+        """
+        raise UserError(
+            f"kfac.fisher=mc: task={self.cfg.name} has no rule to sample labels from its "
+            "predictive distribution; use kfac.fisher=empirical"
+        )
+
+    @classmethod
+    def samples_fisher(cls) -> bool:
+        """Whether the task implements `sample_fisher_loss` (checked when the config is)."""
+        return cls.sample_fisher_loss is not Task.sample_fisher_loss
+
     def after_optimizer_step(self, model: nn.Module) -> None:  # noqa: B027 - optional hook
         """Hook run after every optimizer step (e.g. weight rescaling). Default: nothing."""
 
@@ -175,3 +198,10 @@ def first_tensor(batch: Any) -> torch.Tensor | None:
         if found is not None:
             return found
     return None
+
+
+def sample_categorical(logits: torch.Tensor) -> torch.Tensor:
+    """One label per row of `logits` ``(..., C)`` drawn from ``softmax(logits)`` (no gradient;
+    the torch random generator of the logits' device)."""
+    probs = torch.softmax(logits.detach().float(), dim=-1).reshape(-1, logits.shape[-1])
+    return torch.multinomial(probs, 1).view(logits.shape[:-1])

@@ -16,7 +16,7 @@ from torch import nn
 from kfac_train.config import ClassifierConfig, ModelConfig, TaskConfig
 from kfac_train.errors import UserError
 from kfac_train.registry import TASKS, BuildContext
-from kfac_train.tasks.base import LossOutput, SumEvaluator, Task
+from kfac_train.tasks.base import LossOutput, SumEvaluator, Task, sample_categorical
 
 
 @dataclass
@@ -70,7 +70,11 @@ class ClassificationTask(Task):
         logs = {}
         if labels.dim() == 1:
             logs["top1"] = (logits.detach().argmax(dim=1) == labels).float().mean()
-        return LossOutput(loss, logs)
+        return LossOutput(loss, logs, output=logits)
+
+    def sample_fisher_loss(self, output: Any, batch: Any) -> torch.Tensor:
+        """Cross-entropy (no smoothing) of labels drawn from ``softmax(logits)``."""
+        return F.cross_entropy(output, sample_categorical(output))
 
     def evaluator(self) -> ClassificationEvaluator:
         return ClassificationEvaluator(list(self.cfg.topk))

@@ -24,7 +24,7 @@ from kfac_train.config import ModelConfig, TaskConfig
 from kfac_train.data.bert_masking import MaskedLMCollator, SpecialTokenIds
 from kfac_train.data.wordpiece import SPECIAL_TOKENS
 from kfac_train.registry import TASKS
-from kfac_train.tasks.base import LossOutput, SumEvaluator, Task
+from kfac_train.tasks.base import LossOutput, SumEvaluator, Task, sample_categorical
 
 
 @dataclass
@@ -36,11 +36,13 @@ class MaskedLMConfig(TaskConfig):
     synthetic_max_predictions: int = 20
 
 
-def pretraining_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sums and counts of one batch: MLM/NSP summed losses, correct predictions, counts."""
-    out = model(
-        batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch["labels"]
-    )
+def pretraining_losses(
+    model: nn.Module, batch: dict[str, torch.Tensor], out: Any = None
+) -> dict[str, torch.Tensor]:
+    """Sums and counts of one batch: MLM/NSP summed losses, correct predictions, counts (from the
+    model output `out` when given, else from a forward of `model`)."""
+    if out is None:
+        out = pretraining_output(model, batch)
     mlm_logits, nsp_logits = out.mlm_logits.float(), out.nsp_logits.float()
     nsp_targets = batch["next_sentence_label"]
     return {
@@ -51,6 +53,13 @@ def pretraining_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict
         "nsp_correct": (nsp_logits.argmax(dim=1) == nsp_targets).sum(),
         "nsp_count": torch.tensor(float(nsp_targets.numel()), device=nsp_logits.device),
     }
+
+
+def pretraining_output(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+    """The BERT pretraining model's output (``mlm_logits``, ``mlm_targets``, ``nsp_logits``)."""
+    return model(
+        batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch["labels"]
+    )
 
 
 class MaskedLMEvaluator(SumEvaluator):
@@ -88,7 +97,8 @@ class MaskedLMTask(Task):
         return int(batch["input_ids"].numel())
 
     def training_loss(self, model: nn.Module, batch: Any) -> LossOutput:
-        sums = pretraining_losses(model, batch)
+        out = pretraining_output(model, batch)
+        sums = pretraining_losses(model, batch, out)
         mlm_loss = sums["mlm_loss_sum"] / sums["mlm_count"].clamp(min=1)
         nsp_loss = sums["nsp_loss_sum"] / sums["nsp_count"]
         logs = {
@@ -97,7 +107,15 @@ class MaskedLMTask(Task):
             "mlm_accuracy": sums["mlm_correct"].float() / sums["mlm_count"].clamp(min=1),
             "nsp_accuracy": sums["nsp_correct"].float() / sums["nsp_count"],
         }
-        return LossOutput(mlm_loss + nsp_loss, logs)
+        return LossOutput(mlm_loss + nsp_loss, logs, output=out)
+
+    def sample_fisher_loss(self, output: Any, batch: Any) -> torch.Tensor:
+        """The pretraining loss with every masked token and the next-sentence label drawn from
+        the model's categorical predictions (the same mean-over-tokens + mean-over-sequences)."""
+        mlm_logits, nsp_logits = output.mlm_logits.float(), output.nsp_logits.float()
+        mlm = F.cross_entropy(mlm_logits, sample_categorical(mlm_logits), reduction="sum")
+        nsp = F.cross_entropy(nsp_logits, sample_categorical(nsp_logits))
+        return mlm / max(1, mlm_logits.shape[0]) + nsp
 
     def evaluator(self) -> MaskedLMEvaluator:
         return MaskedLMEvaluator()
