@@ -170,7 +170,7 @@ def predict_footprint(
         if eigen:
             a_part = s.a if s.diagonal_a else s.a * s.a + s.a
             return (a_part + s.g * s.g + s.g) * decomposition
-        return (s.a * s.a + s.g * s.g) * i_size
+        return second_order_elems(s) * i_size  # inverse: the same tensors as colocated
 
     # Split factors (COMM-OPT only) broadcast from each factor's owner to every rank.
     group = world_size if not plan.colocate_factors else m
