@@ -59,7 +59,7 @@ def _running_factors_and_last_grad(model: nn.Sequential):
     for x, y in _batches():
         reference.zero_grad()
         seen = oracle.capture_layers(
-            reference, ["0"], lambda m: nn.functional.cross_entropy(m(x), y).backward()
+            reference, ["0"], lambda m, x=x, y=y: nn.functional.cross_entropy(m(x), y).backward()
         )
         batch_A, batch_G = oracle.linear_factors(reference[0], seen["0"])
         A = oracle.running_average(A, batch_A, DECAY)
