@@ -32,11 +32,13 @@ COST_MODELS = ("compute", "memory")
 @dataclass(frozen=True)
 class LayerShape:
     """Side lengths of a layer's factors: ``A`` is ``a × a`` (bias column included), ``G`` is
-    ``g × g`` and the layer gradient is ``g × a``."""
+    ``g × g`` and the layer gradient is ``g × a``. ``diagonal_a``: ``A`` is diagonal and stored
+    as its ``a`` diagonal entries (embeddings): ``a`` elements, cost ``a`` in both cost models."""
 
     name: str
     a: int
     g: int
+    diagonal_a: bool = False
 
 
 def validate_grad_worker_fraction(value: float | str) -> float | str:
@@ -165,10 +167,13 @@ class WorkPlan:
         return loads
 
 
-def factor_cost(n: int, cost: str) -> float:
-    """Cost of one ``n × n`` factor: ``n³`` (compute) or ``n²`` (memory)."""
+def factor_cost(n: int, cost: str, diagonal: bool = False) -> float:
+    """Cost of one ``n × n`` factor: ``n³`` (compute) or ``n²`` (memory); ``n`` for a diagonal
+    one (its inverse is elementwise, its storage ``n``)."""
     if cost not in COST_MODELS:
         raise ValueError(f"assignment_cost must be one of {COST_MODELS}, got {cost!r}")
+    if diagonal:
+        return float(n)
     return float(n**3 if cost == "compute" else n**2)
 
 
@@ -210,7 +215,7 @@ def plan_work(
     if colocate_factors:
 
         def layer_cost(s: LayerShape) -> float:
-            return factor_cost(s.a, cost) + factor_cost(s.g, cost)
+            return factor_cost(s.a, cost, s.diagonal_a) + factor_cost(s.g, cost)
 
         for s in sorted(shapes, key=lambda s: (-layer_cost(s), order[s.name])):
             job_cost = layer_cost(s)
@@ -221,11 +226,12 @@ def plan_work(
             a_worker[s.name] = g_worker[s.name] = rank
             column_of[s.name] = column
     else:
-        factor_jobs = [(s.name, "A", s.a) for s in shapes] + [(s.name, "G", s.g) for s in shapes]
-        factor_jobs.sort(key=lambda j: (-factor_cost(j[2], cost), order[j[0]], j[1]))
-        for name, kind, n in factor_jobs:
+        factor_jobs = [(s.name, "A", factor_cost(s.a, cost, s.diagonal_a)) for s in shapes]
+        factor_jobs += [(s.name, "G", factor_cost(s.g, cost)) for s in shapes]
+        factor_jobs.sort(key=lambda j: (-j[2], order[j[0]], j[1]))
+        for name, kind, job_cost in factor_jobs:
             rank = _least_loaded(range(world_size), rank_load)
-            rank_load[rank] += factor_cost(n, cost)
+            rank_load[rank] += job_cost
             (a_worker if kind == "A" else g_worker)[name] = rank
             column_of[name] = 0
 

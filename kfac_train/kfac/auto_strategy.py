@@ -126,14 +126,14 @@ def auto_grad_worker_fraction(
             'grad_worker_fraction="auto" needs memory_budget_bytes > 0 (K-FAC state per rank)'
         )
     layers = [b for b in blocks.values() if not b.replicated]
-    batchnorm = [b for b in blocks.values() if b.replicated]
+    unit_wise = [b for b in blocks.values() if b.replicated]
     intervals = {"factor_update_steps": factor_update_steps, "inv_update_steps": inv_update_steps}
     chosen, candidates = choose_grad_worker_fraction(
         [layer.shape for layer in layers],
         comm.world_size,
         memory_budget_bytes,
         grad_dtype=layers[0].module.weight.dtype if layers else torch.float32,
-        batchnorm_channels=[bn.module.num_features for bn in batchnorm],
+        unit_wise_channels=[block.channels for block in unit_wise],
         **intervals,
         **options,
     )

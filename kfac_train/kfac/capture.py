@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import batchnorm as _batchnorm  # noqa: F401  (registers the BatchNorm handler)
+from . import batchnorm, embedding, layernorm  # noqa: F401  (register their handlers)
 from .kfac_layer import GradCallback, KFACLayer
 from .layers import HandlerOptions, configure, handler_for
 
@@ -36,10 +36,14 @@ def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def register_blocks(
-    model: nn.Module, patterns: list[re.Pattern[str]], options: HandlerOptions
+    model: nn.Module, skip_layers: str | Sequence[str], options: HandlerOptions
 ) -> dict[str, Any]:
     """One block per handled module, in model order (names as in ``named_modules()``, without a
-    DDP ``module.`` prefix; the root is ``"<root>"``)."""
+    DDP ``module.`` prefix; the root is ``"<root>"``), except those a ``skip_layers`` regex
+    ``re.search``-matches by name or class name."""
+    if isinstance(skip_layers, str):
+        skip_layers = (skip_layers,)
+    patterns = [re.compile(p) for p in skip_layers]
     root = model.module if isinstance(model, DistributedDataParallel) else model
     blocks: dict[str, Any] = {}
     for name, module in root.named_modules():

@@ -40,6 +40,8 @@ DEFAULT_DAMPING = 0.001
 GRAD_SCALINGS = ("mean", "per_example")
 CONV_FACTORS = ("patches", "spatial_mean")
 BATCHNORM_MODES = ("skip", "unit_wise")
+EMBEDDING_MODES = ("skip", "diagonal")
+LAYERNORM_MODES = ("skip", "unit_wise")
 
 
 def check_choices(
@@ -48,6 +50,8 @@ def check_choices(
     grad_scaling: str,
     conv_factor: str,
     batchnorm: str,
+    embedding: str = "skip",
+    layernorm: str = "skip",
     accumulation_steps: int,
     bucket_cap_mb: float,
 ) -> None:
@@ -57,6 +61,8 @@ def check_choices(
         ("grad_scaling", grad_scaling, GRAD_SCALINGS),
         ("conv_factor", conv_factor, CONV_FACTORS),
         ("batchnorm", batchnorm, BATCHNORM_MODES),
+        ("embedding", embedding, EMBEDDING_MODES),
+        ("layernorm", layernorm, LAYERNORM_MODES),
     ):
         if value not in choices:
             raise ValueError(f"{label} must be one of {choices}, got {value!r}")

@@ -46,13 +46,30 @@ class KFACLayer:
         self.inv_dtype = options.inv_dtype
         self.grads = options.grads or PlainGrads()
         a, g = handler.factor_sizes(module)
-        self.shape = LayerShape(name, a, g)
+        self.shape = LayerShape(name, a, g, diagonal_a=self.diagonal_input)
         device = module.weight.device
-        self.A = Factor(a, options.factor_dtype, device)
+        self.A = self._input_factor(a, options, device)
         self.G = Factor(g, options.factor_dtype, device)
-        self.method: SecondOrderMethod = make_method(
+        self.method: SecondOrderMethod = self._make_method(options, a, g, device)
+        #: Largest input-row matrix formed so far with the padded input copy it needed (bytes):
+        #: conv patch copies dominate it.
+        self.peak_rows_bytes = 0
+
+    #: ``True`` for blocks whose ``A`` is diagonal, stored as its ``(a,)`` diagonal
+    #: (:class:`~kfac_train.kfac.embedding.EmbeddingLayer`).
+    diagonal_input = False
+
+    def _input_factor(self, a: int, options: HandlerOptions, device: torch.device) -> Factor:
+        """``A``: a dense ``a × a`` factor here (subclasses may store it otherwise)."""
+        return Factor(a, options.factor_dtype, device)
+
+    def _make_method(
+        self, options: HandlerOptions, a: int, g: int, device: torch.device
+    ) -> SecondOrderMethod:
+        """The second-order method object of the option ``compute_method``."""
+        return make_method(
             options.compute_method,
-            name,
+            self.name,
             a,
             g,
             options.inv_dtype,
@@ -60,9 +77,6 @@ class KFACLayer:
             options.warner,
             options.factored_damping,
         )
-        #: Largest input-row matrix formed so far with the padded input copy it needed (bytes):
-        #: conv patch copies dominate it.
-        self.peak_rows_bytes = 0
 
     def factors(self) -> tuple[Factor, ...]:
         return self.A, self.G

@@ -38,6 +38,8 @@ class HandlerOptions:
     factored_damping: bool = False
     conv_factor: str = "patches"
     batchnorm: str = "skip"
+    embedding: str = "skip"
+    layernorm: str = "skip"
     world_size: int = 1
     warner: Any = None  # diagnostics.RateLimitedWarner
     grads: Any = None  # GradAccess; None = PlainGrads (sharded.ShardedGrads under FSDP2)

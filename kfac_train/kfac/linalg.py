@@ -109,9 +109,10 @@ def pi_split(A: torch.Tensor, G: torch.Tensor, damping: float) -> tuple[torch.Te
     Returns 0-d float64 tensors ``(λ_A, λ_G) = (π√λ, √λ/π)`` with
     ``π = sqrt((tr A / a) / (tr G / g))`` from the *running factors* (every rank holds them after
     the factor all-reduce, so any rank computes the same π without communication and without a
-    host synchronisation). ``π = 1`` when a mean trace is not positive and finite.
+    host synchronisation). ``π = 1`` when a mean trace is not positive and finite. A 1-D ``A``
+    is a diagonal factor given by its diagonal (embeddings).
     """
-    mean_A = A.diagonal().to(torch.float64).mean()
+    mean_A = (A if A.dim() == 1 else A.diagonal()).to(torch.float64).mean()
     mean_G = G.diagonal().to(torch.float64).mean()
     ratio = mean_A / mean_G
     valid = (mean_A > 0) & (mean_G > 0) & torch.isfinite(ratio)

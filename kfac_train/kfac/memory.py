@@ -82,7 +82,8 @@ def summary(pre: Any) -> str:
     for name, layer in pre.layers.items():
         a, g = layer.shape.a, layer.shape.g
         kind = type(layer.module).__name__
-        rows.append((name, kind, f"{a}x{a}", f"{g}x{g}", f"{layer.factor_bytes():,}"))
+        a_text = f"diag {a}" if layer.shape.diagonal_a else f"{a}x{a}"
+        rows.append((name, kind, a_text, f"{g}x{g}", f"{layer.factor_bytes():,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = [header]
     for r in rows:

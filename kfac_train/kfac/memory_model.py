@@ -8,16 +8,20 @@ checks on real gloo ranks. Layer ``ℓ`` has ``A`` of size ``a × a`` (bias colu
 size ``g × g`` and a ``g × a`` gradient; ``P`` ranks; ``m = max(1, round(f·P))`` gradient workers.
 
 * ``factors`` (every rank): ``Σ (a² + g²)`` in ``factor_dtype`` plus ``3C`` per unit-wise
-  BatchNorm layer with ``C`` channels;
+  layer (BatchNorm, LayerNorm) with ``C`` channels or features;
 * ``second_order`` (rank ``r``, after the first inverse update): ``Σ`` over the layers ``r`` is a
   gradient worker of ``(a² + g² + g·a)`` (eigen) or ``(a² + g²)`` (inverse) in ``inv_dtype``, plus
-  ``3C`` per BatchNorm layer (every rank inverts those);
+  ``3C`` per unit-wise layer in ``factor_dtype`` (every rank inverts those);
 * ``factor_allreduce`` (every factor-update step, every rank): ``Σ (a² + g²)`` or, with
-  ``symmetry_aware``, ``Σ (a(a+1)/2 + g(g+1)/2)`` in ``comm_dtype``, plus ``3C`` per BatchNorm
-  layer in ``factor_dtype``;
+  ``symmetry_aware``, ``Σ (a(a+1)/2 + g(g+1)/2)``, plus ``3C`` per unit-wise layer, all in
+  ``comm_dtype``;
 * ``second_order_broadcast`` (every inverse-update step, rank ``r``): the second-order data of the
   layers whose ``m > 1`` gradient workers include ``r``; COMM-OPT with ``colocate_factors=False``
   sends eigenvectors and eigenvalues (``a² + a + g² + g`` in the decomposition dtype) instead;
+* a layer with a diagonal ``A`` (``LayerShape.diagonal_a``, embeddings) stores ``A`` as ``a``
+  entries: ``a`` replaces ``a²`` (and ``a(a+1)/2``) in the factors and the all-reduce; its eigen
+  data is ``g² + g·a`` (no ``Q_A``), its inverse data ``a + g²``, its split-factor broadcast
+  ``a + g² + g``;
 * ``grad_broadcast`` (every step, every rank, when ``m < P``): ``Σ g·a`` in the gradient dtype.
 
 :func:`.auto_strategy.choose_grad_worker_fraction` picks, among the fractions ``m/P`` (``m``
@@ -36,8 +40,7 @@ import torch
 from .assignment import LayerShape, num_grad_workers, plan_work
 from .precision import default_comm_dtype, factor_storage_dtype
 from .second_order import EIGEN
-
-BATCHNORM_BLOCK = 3  # packed 2×2 symmetric block per channel: [F_γγ, F_γβ, F_ββ]
+from .unit_wise import BLOCK_ELEMENTS
 
 
 def _size(dtype: torch.dtype) -> int:
@@ -115,9 +118,11 @@ def predict_footprint(
     symmetry_aware: bool = False,
     colocate_factors: bool = True,
     assignment_cost: str = "compute",
-    batchnorm_channels: Sequence[int] = (),
+    unit_wise_channels: Sequence[int] = (),
 ) -> Footprint:
-    """Predict what each rank holds and sends for ``fraction`` (module docstring: formulas)."""
+    """Predict what each rank holds and sends for ``fraction`` (module docstring: formulas).
+
+    ``unit_wise_channels``: ``C`` of every unit-wise BatchNorm / LayerNorm layer."""
     plan = plan_work(
         shapes, world_size, fraction, colocate_factors=colocate_factors, cost=assignment_cost
     )
@@ -125,13 +130,18 @@ def predict_footprint(
     # 16-bit factor dtypes keep their sums and running averages in float32 (precision.py).
     f_size, i_size = _size(factor_storage_dtype(factor_dtype)), _size(inv_dtype)
     c_size, g_size = _size(comm_dtype or default_comm_dtype(factor_dtype)), _size(grad_dtype)
-    bn_elems = sum(BATCHNORM_BLOCK * c for c in batchnorm_channels)
+    bn_elems = sum(BLOCK_ELEMENTS * c for c in unit_wise_channels)
     eigen = compute_method == EIGEN
 
-    def second_order_elems(s: LayerShape) -> int:
-        return s.a * s.a + s.g * s.g + (s.g * s.a if eigen else 0)
+    def a_elems(s: LayerShape) -> int:
+        return s.a if s.diagonal_a else s.a * s.a
 
-    factors = sum(s.a * s.a + s.g * s.g for s in shapes) * f_size + bn_elems * f_size
+    def second_order_elems(s: LayerShape) -> int:
+        if eigen:
+            return (0 if s.diagonal_a else s.a * s.a) + s.g * s.g + s.g * s.a
+        return a_elems(s) + s.g * s.g
+
+    factors = sum(a_elems(s) + s.g * s.g for s in shapes) * f_size + bn_elems * f_size
     memory = []
     for rank in range(world_size):
         held = sum(
@@ -147,7 +157,10 @@ def predict_footprint(
     def packed(n: int) -> int:
         return n * (n + 1) // 2 if symmetry_aware else n * n
 
-    allreduce = sum(packed(s.a) + packed(s.g) for s in shapes) * c_size + bn_elems * f_size
+    def packed_a(s: LayerShape) -> int:
+        return s.a if s.diagonal_a else packed(s.a)
+
+    allreduce = (sum(packed_a(s) + packed(s.g) for s in shapes) + bn_elems) * c_size
     decomposition = _size(torch.float64 if factor_dtype == torch.float64 else torch.float32)
 
     def broadcast_bytes(s: LayerShape) -> int:
@@ -155,8 +168,9 @@ def predict_footprint(
         if plan.colocate_factors:
             return second_order_elems(s) * i_size
         if eigen:
-            return (s.a * s.a + s.a + s.g * s.g + s.g) * decomposition
-        return (s.a * s.a + s.g * s.g) * i_size
+            a_part = s.a if s.diagonal_a else s.a * s.a + s.a
+            return (a_part + s.g * s.g + s.g) * decomposition
+        return second_order_elems(s) * i_size  # inverse: the same tensors as colocated
 
     # Split factors (COMM-OPT only) broadcast from each factor's owner to every rank.
     group = world_size if not plan.colocate_factors else m

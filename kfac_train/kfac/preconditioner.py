@@ -7,7 +7,6 @@ Where the rest lives: registration and hooks in :mod:`.capture`, factor reductio
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -60,6 +59,8 @@ class KFACPreconditioner:
         skip_layers: Sequence[str] = (),
         grad_scaling: str = "mean",
         batchnorm: str = "skip",
+        embedding: str = "skip",
+        layernorm: str = "skip",
         conv_factor: str = "patches",
         grad_worker_fraction: float | str = 1.0,
         memory_budget_bytes: int | None = None,
@@ -78,14 +79,14 @@ class KFACPreconditioner:
             grad_scaling=grad_scaling,
             conv_factor=conv_factor,
             batchnorm=batchnorm,
+            embedding=embedding,
+            layernorm=layernorm,
             accumulation_steps=accumulation_steps,
             bucket_cap_mb=bucket_cap_mb,
         )
         comm_dtype = check_dtypes(
             factor_dtype, inv_dtype, comm_dtype, compute_method, factored_damping
         )
-        if isinstance(skip_layers, str):
-            skip_layers = (skip_layers,)
 
         self.factor_update_steps = factor_update_steps
         self.inv_update_steps = inv_update_steps
@@ -104,22 +105,21 @@ class KFACPreconditioner:
             factored_damping=factored_damping,
             conv_factor=conv_factor,
             batchnorm=batchnorm,
+            embedding=embedding,
+            layernorm=layernorm,
             world_size=self.comm.world_size,
             warner=self.warner,
             grads=ShardedGrads(),  # FSDP2 DTensor gradients gathered; plain ones as they are
         )
-        #: Every registered block in model order: Kronecker layers and unit-wise BatchNorm.
-        self.blocks = register_blocks(model, [re.compile(p) for p in skip_layers], options)
-        sections = {s: {} for s in checkpoint.SECTIONS}
-        for name, block in self.blocks.items():
-            sections[block.state_section][name] = block
+        #: Every registered block in model order: Kronecker layers and unit-wise norm layers.
+        self.blocks = register_blocks(model, skip_layers, options)
+        sections = checkpoint.by_section(self.blocks)
         self.layers, self.batchnorm_layers = sections["layers"], sections["batchnorm"]
         if not self.blocks:
             warnings.warn(
                 "K-FAC: no layers were registered; step() leaves gradients as they are",
                 stacklevel=2,
             )
-
         if isinstance(grad_worker_fraction, str) and grad_worker_fraction.lower() == "auto":
             grad_worker_fraction = auto_grad_worker_fraction(
                 self.blocks,

@@ -6,7 +6,11 @@ Layout (unchanged since the first release)::
     {"steps": int, "compute_method": "eigen" | "inverse",
      "layers":    {name: {"A", "G", "Q_A", "Q_G", "recip"} or {"A", "G", "A_inv", "G_inv"}},
      "batchnorm": {name: {"F", "F_inv"}},
+     "layernorm": {name: {"F", "F_inv"}},
      "statistics_schedule": {...}}  # .stale.StaleStatistics.state_dict(); absent before it
+
+An embedding's entry in ``"layers"`` holds ``A`` as its ``(V,)`` diagonal and, for the eigen
+method, no ``Q_A`` (``{"A", "G", "Q_G", "recip"}``; :mod:`.embedding`).
 
 A block's entry lives in its ``state_section`` and uses its ``factor_keys`` and its method's
 ``keys``; second-order keys are present only where the data existed.
@@ -22,7 +26,15 @@ from .assignment import WorkPlan
 from .comm import Communicator
 from .stale import StaleStatistics
 
-SECTIONS = ("layers", "batchnorm")
+SECTIONS = ("layers", "batchnorm", "layernorm")
+
+
+def by_section(blocks: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The blocks grouped by checkpoint section (every section present, model order kept)."""
+    sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for name, block in blocks.items():
+        sections[block.state_section][name] = block
+    return sections
 
 
 def _second_order(block: Any, plan: WorkPlan, comm: Communicator) -> dict[str, torch.Tensor]:

@@ -107,6 +107,8 @@ def build_preconditioner(
             compute_method=kfac.compute_method,
             factored_damping=kfac.factored_damping,
             batchnorm=kfac.batchnorm,
+            embedding=kfac.embedding,
+            layernorm=kfac.layernorm,
             conv_factor=kfac.conv_factor,
             accumulation_steps=accumulation_steps,
             grad_scaler=scaler,

@@ -18,13 +18,16 @@ MATH_MODULES = (
     "assignment",
     "batchnorm",
     "diagnostics",
+    "embedding",
     "factors",
     "hyperparams",
     "kfac_layer",
+    "layernorm",
     "layers",
     "linalg",
     "memory",
     "second_order",
+    "unit_wise",
 )
 FORBIDDEN = ("hydra", "omegaconf", "torch.distributed", "torch.nn.parallel", "kfac_train")
 DISTRIBUTED_MODULES = ("comm", "bucketing", "reduction", "preconditioner", "state", "capture")

@@ -194,7 +194,7 @@ def test_measured_memory_and_bytes_equal_the_prediction_for_every_fraction(world
                 SHAPES,
                 world_size,
                 fraction,
-                batchnorm_channels=[3] if options.get("batchnorm") == "unit_wise" else [],
+                unit_wise_channels=[3] if options.get("batchnorm") == "unit_wise" else [],
                 **{k: v for k, v in options.items() if k in PREDICTOR_KEYS},
             )
             for rank in range(world_size):
