@@ -35,28 +35,23 @@ from torch import nn
 
 from .precision import LOW_PRECISION, compute_dtype, power_of_two_scale
 
+Rect = tuple[int, int, int, int]  # (first t, count, first τ, count): window coordinates
+
 
 @dataclass(frozen=True)
 class _Group:
     """Offset pairs ``(a, b)`` (``a ≤ b``, flattened ``i·kw + j``) sharing one core product.
 
-    ``left``/``right``: flat positions (``h·W_pad + w``) of the core's factors (empty when the
-    windows do not intersect); ``pairs``: ``(a, b, extra_left, extra_right)`` with the flat
-    positions of the pair's window outside the core (``None`` when there are none).
+    Positions ``(t, τ)`` of the left factor sit at ``(s_h·t + ρ_h, s_w·τ + ρ_w)`` of the padded
+    image (``phase``), the right factor ``shift`` further. ``core``: the rectangle shared by
+    all pairs (``None`` when their windows do not intersect); ``pairs``: ``(a, b, extras)``
+    with the rectangles of the pair's window outside the core.
     """
 
-    left: torch.Tensor
-    right: torch.Tensor
-    pairs: tuple[tuple[int, int, torch.Tensor | None, torch.Tensor | None], ...]
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """Index plan of one geometry: the groups and, per offset ``a``, its window positions."""
-
-    groups: tuple[_Group, ...]
-    windows: torch.Tensor  # (kh·kw, H_out·W_out) flat positions
-    out_size: tuple[int, int]
+    phase: tuple[int, int]
+    shift: tuple[int, int]
+    core: Rect | None
+    pairs: tuple[tuple[int, int, tuple[Rect, ...]], ...]
 
 
 def _phase(k: int, dilation: int, stride: int) -> list[tuple[int, int]]:
@@ -64,17 +59,25 @@ def _phase(k: int, dilation: int, stride: int) -> list[tuple[int, int]]:
     return [(dilation * i % stride, dilation * i // stride) for i in range(k)]
 
 
+def _outside(start: int, count: int, lo: int, hi: int) -> list[tuple[int, int]]:
+    """The (start, count) intervals of ``[start, start + count)`` outside ``[lo, hi)``."""
+    parts = [
+        (start, min(lo, start + count) - start),
+        (max(hi, start), start + count - max(hi, start)),
+    ]
+    return [(first, n) for first, n in parts if n > 0]
+
+
 @lru_cache(maxsize=512)
 def _plan(
     kernel: tuple[int, int],
     dilation: tuple[int, int],
     stride: tuple[int, int],
-    padded: tuple[int, int],
-    device: torch.device,
-) -> _Plan:
-    (kh, kw), (dh, dw), (sh, sw), (hp, wp) = kernel, dilation, stride, padded
-    nh, nw = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
-    rows, cols = _phase(kh, dh, sh), _phase(kw, dw, sw)
+    out: tuple[int, int],
+) -> tuple[_Group, ...]:
+    """The groups of one geometry (``out``: the output size ``(H_out, W_out)``)."""
+    (kh, kw), (sh, sw), (nh, nw) = kernel, stride, out
+    rows, cols = _phase(kh, dilation[0], sh), _phase(kw, dilation[1], sw)
     keyed: dict[tuple[int, ...], list[tuple[int, int, int, int]]] = {}
     for a in range(kh * kw):
         (ri, qi), (rj, qj) = rows[a // kw], cols[a % kw]
@@ -82,39 +85,20 @@ def _plan(
             (ri2, qi2), (rj2, qj2) = rows[b // kw], cols[b % kw]
             key = (ri, ri2, qi2 - qi, rj, rj2, qj2 - qj)
             keyed.setdefault(key, []).append((a, b, qi, qj))
-
-    def flat(t: torch.Tensor, tau: torch.Tensor, rh: int, rw: int) -> torch.Tensor:
-        return (sh * t + rh) * wp + sw * tau + rw
-
     groups = []
     for (ri, ri2, dr, rj, rj2, dc), members in keyed.items():
-        offset = (sh * dr + ri2 - ri) * wp + sw * dc + rj2 - rj
         t0, t1 = max(m[2] for m in members), min(m[2] for m in members) + nh
         c0, c1 = max(m[3] for m in members), min(m[3] for m in members) + nw
         t1, c1 = max(t0, t1), max(c0, c1)  # windows that do not intersect: an empty core
-        t, tau = torch.meshgrid(torch.arange(t0, t1), torch.arange(c0, c1), indexing="ij")
-        core = flat(t, tau, ri, rj).reshape(-1)
+        core = (t0, t1 - t0, c0, c1 - c0) if t1 > t0 and c1 > c0 else None
         pairs = []
         for a, b, qi, qj in members:
-            t, tau = torch.meshgrid(
-                torch.arange(qi, qi + nh), torch.arange(qj, qj + nw), indexing="ij"
-            )
-            outside = ~((t >= t0) & (t < t1) & (tau >= c0) & (tau < c1))
-            extra = flat(t[outside], tau[outside], ri, rj)
-            if extra.numel() == 0:
-                pairs.append((a, b, None, None))
-            else:
-                pairs.append((a, b, extra.to(device), (extra + offset).to(device)))
-        groups.append(_Group(core.to(device), (core + offset).to(device), tuple(pairs)))
-    u, v = torch.meshgrid(torch.arange(nh), torch.arange(nw), indexing="ij")
-    windows = torch.stack(
-        [
-            ((sh * u + dh * i) * wp + sw * v + dw * j).reshape(-1)
-            for i in range(kh)
-            for j in range(kw)
-        ]
-    )
-    return _Plan(tuple(groups), windows.to(device), (nh, nw))
+            extras = [(t, n, qj, nw) for t, n in _outside(qi, nh, t0, t1)]
+            extras += [(t0, t1 - t0, c, n) for c, n in _outside(qj, nw, c0, c1) if t1 > t0]
+            pairs.append((a, b, tuple(extras)))
+        shift = (sh * dr + ri2 - ri, sw * dc + rj2 - rj)
+        groups.append(_Group((ri, rj), shift, core, tuple(pairs)))
+    return tuple(groups)
 
 
 def _padded_channels_last(
@@ -137,12 +121,31 @@ def _padded_channels_last(
     return image
 
 
-def _product(flat: torch.Tensor, left: torch.Tensor, right: torch.Tensor, acc: torch.dtype):
-    """``Σ_n Σ_k flat[n, left[k]] flat[n, right[k]]ᵀ`` as a ``(C, C)`` matrix in ``acc``, and the
+def _take(
+    image: torch.Tensor, rects: tuple[Rect, ...], origin: tuple[int, int], stride
+) -> torch.Tensor:
+    """The pixels of ``rects`` (window coordinates: pixel ``origin + stride·(t, τ)``) of the
+    ``(B, H_pad, W_pad, C)`` image, as ``(B·count, C)`` rows."""
+    (y, x), (sh, sw), channels = origin, stride, image.shape[-1]
+    parts = [
+        image[
+            :,
+            y + sh * t : y + sh * (t + nt - 1) + 1 : sh,
+            x + sw * c : x + sw * (c + nc - 1) + 1 : sw,
+        ].reshape(-1, channels)
+        for t, nt, c, nc in rects
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _product(
+    image: torch.Tensor, group: _Group, rects: tuple[Rect, ...], stride, acc: torch.dtype
+) -> tuple[torch.Tensor, int]:
+    """``Σ left·rightᵀ`` over the pixels of ``rects`` as a ``(C, C)`` matrix in ``acc``, and the
     bytes of the two gathered operands."""
-    channels = flat.shape[-1]
-    lhs = flat.index_select(1, left).reshape(-1, channels)
-    rhs = flat.index_select(1, right).reshape(-1, channels)
+    (rh, rw), (dy, dx) = group.phase, group.shift
+    lhs = _take(image, rects, (rh, rw), stride)
+    rhs = _take(image, rects, (rh + dy, rw + dx), stride)
     return (lhs.T @ rhs).to(acc), 2 * lhs.numel() * lhs.element_size()
 
 
@@ -156,8 +159,7 @@ def patch_second_moment(
     Products run in ``dtype``; bfloat16/float16 inputs are first scaled by ``σ/√N`` (``σ`` a
     power of two with ``σ·max|x| ≤ 1``, as :func:`~kfac_train.kfac.precision.gram_mean` does),
     so no partial sum leaves ``[-1, 1]``, and ``M`` is returned in float32. ``S = H_out·W_out``;
-    ``working_bytes``
-    is the largest transient this call held (padded copy, operands, blocks).
+    ``working_bytes`` is the largest transient this call held (padded copy, operands, blocks).
     """
     acc = compute_dtype(dtype) if dtype in LOW_PRECISION else dtype
     batch, channels = x.shape[0], x.shape[1]
@@ -169,28 +171,25 @@ def patch_second_moment(
         amax = torch.maximum(x.detach().abs().amax().float(), torch.ones((), device=x.device))
         factor = power_of_two_scale(amax) / math.sqrt(n_est)
     image = _padded_channels_last(module, x, dtype, factor)
-    plan = _plan(
-        kernel,
-        tuple(module.dilation),
-        tuple(module.stride),
-        (image.shape[1], image.shape[2]),
-        image.device,
+    (kh, kw), (dh, dw), (sh, sw) = kernel, tuple(module.dilation), tuple(module.stride)
+    out = (
+        (image.shape[1] - dh * (kh - 1) - 1) // sh + 1,
+        (image.shape[2] - dw * (kw - 1) - 1) // sw + 1,
     )
-    rows = batch * plan.out_size[0] * plan.out_size[1]
-    flat = image.view(batch, -1, channels)
-    size = kernel[0] * kernel[1]
+    rows = batch * out[0] * out[1]
+    size = kh * kw
     blocks = torch.zeros(size, size, channels, channels, dtype=acc, device=x.device)
     operands = 0
-    for group in plan.groups:
+    for group in _plan(kernel, (dh, dw), (sh, sw), out):
         core = None
-        if group.left.numel():
-            core, nbytes = _product(flat, group.left, group.right, acc)
+        if group.core is not None:
+            core, nbytes = _product(image, group, (group.core,), (sh, sw), acc)
             operands = max(operands, nbytes)
-        for a, b, extra_left, extra_right in group.pairs:
+        for a, b, extras in group.pairs:
             if core is not None:
                 blocks[a, b] = core
-            if extra_left is not None:
-                strip, nbytes = _product(flat, extra_left, extra_right, acc)
+            if extras:
+                strip, nbytes = _product(image, group, extras, (sh, sw), acc)
                 blocks[a, b] += strip
                 operands = max(operands, nbytes)
     upper_a, upper_b = torch.triu_indices(size, size, offset=1, device=x.device)
@@ -201,8 +200,18 @@ def patch_second_moment(
     if factor is not None:
         moment[:width, :width] /= factor * factor
     if bias:
-        totals = flat.sum(0, dtype=acc)  # (H_pad·W_pad, C): the batch-summed image
-        sums = totals[plan.windows].sum(1).T.reshape(width)  # (C, kh·kw) → columns (c, i, j)
+        totals = image.sum(0, dtype=acc)  # (H_pad, W_pad, C): the batch-summed image
+        sums = torch.stack(
+            [
+                totals[
+                    dh * i : dh * i + sh * (out[0] - 1) + 1 : sh,
+                    dw * j : dw * j + sw * (out[1] - 1) + 1 : sw,
+                ].sum((0, 1))
+                for i in range(kh)
+                for j in range(kw)
+            ],
+            dim=1,
+        ).reshape(width)  # (C, kh·kw) → columns (c, i, j)
         if factor is not None:
             sums = sums / factor
         moment[:width, width] = sums
@@ -210,4 +219,4 @@ def patch_second_moment(
         moment[width, width] = rows
     working = image.numel() * image.element_size() + operands
     working += 2 * blocks.numel() * blocks.element_size()
-    return moment / rows, plan.out_size[0] * plan.out_size[1], working
+    return moment / rows, out[0] * out[1], working
