@@ -114,10 +114,10 @@ def _padded_channels_last(
     shape = (batch, height + top + bottom, width + left + right, channels)
     padding = any((left, right, top, bottom))
     image = (torch.zeros if padding else torch.empty)(shape, dtype=dtype, device=x.device)
-    source = x.permute(0, 2, 3, 1)
-    if factor is not None:
-        source = source.to(torch.float32) * factor
-    image[:, top : top + height, left : left + width].copy_(source)
+    if factor is not None:  # scaled in float32 before the cast to the low precision
+        x = torch.empty_like(x, dtype=torch.float32).copy_(x).mul_(factor)
+    # Written through a view of the image (no view of x is made: x may be channels-last).
+    image.permute(0, 3, 1, 2)[:, :, top : top + height, left : left + width].copy_(x)
     return image
 
 
@@ -146,7 +146,8 @@ def _product(
     (rh, rw), (dy, dx) = group.phase, group.shift
     lhs = _take(image, rects, (rh, rw), stride)
     rhs = _take(image, rects, (rh + dy, rw + dx), stride)
-    return (lhs.T @ rhs).to(acc), 2 * lhs.numel() * lhs.element_size()
+    copies = 2 if len(rects) > 1 else 1  # the concatenated parts and their concatenation
+    return (lhs.T @ rhs).to(acc), 2 * copies * lhs.numel() * lhs.element_size()
 
 
 def patch_second_moment(
@@ -199,6 +200,7 @@ def patch_second_moment(
     moment[:width, :width] = blocks.permute(2, 0, 3, 1).reshape(width, width)
     if factor is not None:
         moment[:width, :width] /= factor * factor
+    totals_bytes = 0
     if bias:
         totals = image.sum(0, dtype=acc)  # (H_pad, W_pad, C): the batch-summed image
         sums = torch.stack(
@@ -212,11 +214,14 @@ def patch_second_moment(
             ],
             dim=1,
         ).reshape(width)  # (C, kh·kw) → columns (c, i, j)
+        totals_bytes = totals.numel() * totals.element_size()
         if factor is not None:
             sums = sums / factor
         moment[:width, width] = sums
         moment[width, :width] = sums
         moment[width, width] = rows
-    working = image.numel() * image.element_size() + operands
-    working += 2 * blocks.numel() * blocks.element_size()
+    copies = (module.padding_mode != "zeros") + (factor is not None)  # padded / scaled input
+    working = image.numel() * image.element_size() + copies * image.numel() * 4
+    working += operands + 4 * moment.numel() * moment.element_size()  # blocks, their copies
+    working += totals_bytes
     return moment / rows, out[0] * out[1], working
