@@ -21,6 +21,14 @@ The (1, 1) configurations do the same work every step and are timed over `--dens
 A phase table splits each (10, 100) step into forward+backward, `pre.step()` and
 `optimizer.step()` by kind of step (factor statistics are formed in hooks during backward).
 `--profile` prints torch.profiler's top operators for one configuration.
+
+Memory (`--memory`, CPU): after the timed steps, one untimed step of SGD and one factor-update
+step of each (10, 100) configuration run under a `TorchDispatchMode` that follows every storage
+an operator creates (views of operands excluded) until it is freed; the peak of the live bytes
+over the step (forward, backward with K-FAC's hooks, `pre.step()`, `optimizer.step()`) is
+reported with its ratio to SGD's. `--patch-matrix` adds the (10, 100) configurations again with
+the Conv2d input factor formed from the full patch matrix (the path before `conv_stats`), for a
+before/after in one process.
 """
 
 from __future__ import annotations
@@ -29,14 +37,18 @@ import argparse
 import contextlib
 import statistics
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from kfac_train.kfac import KFACPreconditioner
+from kfac_train.kfac.layers import Conv2dHandler
 from kfac_train.models.resnet_cifar import CifarResNet, ResNet20Config
 
 MB = 1e6
@@ -80,6 +92,47 @@ class Configuration:
     name: str
     compute_method: str | None  # None: plain SGD
     intervals: tuple[int, int] = (1, 1)
+    patch_matrix: bool = False  # Conv2d input factor from the materialised patch matrix
+
+
+class PatchMatrixConv2d(Conv2dHandler):
+    """The Conv2d statistic as before ``conv_stats``: ``aᵀa / N`` of the patch rows."""
+
+    input_statistic = None
+
+
+class PeakBytes(TorchDispatchMode):
+    """Peak live bytes of the CPU storages operators create while active (views of an
+    operand are not allocations); each storage is followed until freed (``weakref``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._tracked: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._tracked.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        operands = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor)
+        }
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in operands or key in self._tracked or storage.nbytes() == 0:
+                continue
+            self._tracked.add(key)
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._release, key, storage.nbytes())
+        return out
 
 
 @dataclass
@@ -90,6 +143,7 @@ class Result:
     step_seconds: list[float]
     memory_bytes: int
     phases: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    step_peak_bytes: int | None = None  # --memory: peak of an SGD / a factor-update step
 
     @property
     def median(self) -> float:
@@ -124,6 +178,14 @@ def configurations() -> list[Configuration]:
     return configs
 
 
+def patch_matrix_configurations() -> list[Configuration]:
+    """The (10, 100) configurations with the Conv2d factor from the patch matrix."""
+    return [
+        Configuration(f"{method} 10/100 rows", method, INTERVALS["10/100"], patch_matrix=True)
+        for method in ("eigen", "inverse")
+    ]
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -151,6 +213,16 @@ def parse_args() -> argparse.Namespace:
         choices=("patches", "spatial_mean"),
         default="patches",
         help="K-FAC conv input factor: exact patches or Ba et al.'s spatial mean",
+    )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="CPU: peak bytes of one SGD step and one factor-update step (TorchDispatchMode)",
+    )
+    parser.add_argument(
+        "--patch-matrix",
+        action="store_true",
+        help="add (10, 100) configurations whose Conv2d factor uses the full patch matrix",
     )
     parser.add_argument(
         "--profile-steps", type=int, default=20, help="steps (after warm-up) under --profile"
@@ -220,6 +292,10 @@ class Runner:
                 compute_method=config.compute_method,
                 **KFAC_HYPERPARAMETERS,
             )
+            if config.patch_matrix:
+                for block in self.pre.blocks.values():
+                    if type(getattr(block, "handler", None)) is Conv2dHandler:
+                        block.handler = PatchMatrixConv2d()
         generator = torch.Generator().manual_seed(1)
         self.batches = [
             (
@@ -263,13 +339,23 @@ class Runner:
         self.optimizer.step()
         _synchronize(self.device)
         end = time.perf_counter()
-        if self.steps_done >= self.warmup:
+        if not self.finished and self.steps_done >= self.warmup:  # later steps: --memory
             self.step_seconds.append(end - start)
             per_kind = self.phases.setdefault(kind, {phase: [] for phase in PHASES})
             per_kind["forward+backward"].append(backward_done - start)
             per_kind["pre.step"].append(pre_done - backward_done)
             per_kind["optimizer.step"].append(end - pre_done)
         self.steps_done += 1
+
+    def step_peak_bytes(self) -> int:
+        """Peak bytes allocated during one untimed step: the next factor-update step of a
+        (10, 100) configuration, any step of SGD."""
+        wanted = "plain" if self.pre is None else "factor update"
+        while _step_kind(self.steps_done, self.config.intervals) != wanted:
+            self.step()
+        with PeakBytes() as tracker:
+            self.step()
+        return tracker.peak
 
     def result(self) -> Result:
         memory = sum(self.pre.memory_bytes().values()) if self.pre is not None else 0
@@ -319,6 +405,18 @@ def format_phases(result: Result) -> str:
     return "\n".join(rows)
 
 
+def format_memory(results: list[Result]) -> str:
+    sgd = results[0].step_peak_bytes
+    rows = [f"peak bytes allocated in one step (--memory): sgd step {sgd / MB:.1f} MB"]
+    for r in results[1:]:
+        if r.step_peak_bytes is not None:
+            rows.append(
+                f"  {r.configuration.name:<17} factor-update step {r.step_peak_bytes / MB:8.1f} MB"
+                f"  {r.step_peak_bytes / sgd:5.2f} x SGD"
+            )
+    return "\n".join(rows)
+
+
 def profile(spec: str, args: argparse.Namespace, device: torch.device) -> None:
     """Print torch.profiler's top operators (self CPU time) for one configuration."""
     model_name, _, config_name = spec.partition(":")
@@ -358,13 +456,20 @@ def main() -> None:
     for model_name in args.models:
         workload = WORKLOADS[model_name]
         runners = []
-        for config in configurations():
+        extra = patch_matrix_configurations() if args.patch_matrix else []
+        for config in configurations() + extra:
             dense = config.compute_method is not None and config.intervals == (1, 1)
             num_steps = args.dense_steps if dense else args.steps
             runners.append(Runner(workload, config, num_steps, args.warmup, device))
         results = run_interleaved(runners)
+        if args.memory:
+            for runner, result in zip(runners, results, strict=True):
+                if runner.pre is None or runner.config.intervals == INTERVALS["10/100"]:
+                    result.step_peak_bytes = runner.step_peak_bytes()
         print(f"\n{workload.name}, batch {workload.input_shape[0]}")
         print(format_results(results))
+        if args.memory:
+            print(format_memory(results))
         print("phases (median ms):")
         for result in results:
             if result.configuration.intervals == INTERVALS["10/100"]:

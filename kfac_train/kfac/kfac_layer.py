@@ -90,6 +90,12 @@ class KFACLayer:
         return self.accumulate_output_grad if self.G.active else None
 
     def accumulate_input(self, x: torch.Tensor) -> None:
+        statistic = getattr(self.handler, "input_statistic", None)
+        if statistic is not None:  # the handler forms aᵀa / N without the rows (conv_stats)
+            stat, working = statistic(self.module, x, self.A.stat_dtype)
+            self.peak_rows_bytes = max(self.peak_rows_bytes, working)
+            self.A.add(stat)
+            return
         rows = self.handler.input_rows(self.module, x)
         copy_bytes = getattr(self.handler, "input_copy_bytes", None)
         working = rows.numel() * rows.element_size()

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv_stats import patch_second_moment
+
 logger = logging.getLogger(__name__)
 
 
@@ -153,8 +155,18 @@ class LinearHandler:
 class Conv2dHandler:
     """``nn.Conv2d`` with ``groups == 1``: im2col patches, each scaled by ``1/S``.
 
-    ``S = H_out·W_out`` is the spatial size of the output; ``N = B·S`` rows.
+    ``S = H_out·W_out`` is the spatial size of the output; ``N = B·S`` rows. Factor updates use
+    :meth:`input_statistic` (:mod:`.conv_stats`: no patch matrix); :meth:`input_rows` states
+    the convention.
     """
+
+    def input_statistic(
+        self, module: nn.Module, x: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, int]:
+        """``(aᵀa / N, working bytes)`` for the rows ``a`` of :meth:`input_rows`, from shifted
+        products of the padded input (the products run in ``dtype``)."""
+        moment, spatial, working = patch_second_moment(module, x, dtype)
+        return moment / (spatial * spatial), working
 
     def input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         kh, kw = module.kernel_size
@@ -240,6 +252,8 @@ class Conv2dSpatialMeanHandler(Conv2dHandler):
 
     def configure(self, options: HandlerOptions) -> Conv2dHandler:
         return self
+
+    input_statistic = None  # one row per example: the rows path is already cheap
 
 
 _SPATIAL_MEAN = Conv2dSpatialMeanHandler()

@@ -66,8 +66,15 @@ class LiveBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if not self.counting:
             return out
+        # A view (detach, permute, reshape) of an operand allocates nothing: not counted.
+        operands = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu"
+        }
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            is_cpu = isinstance(t, torch.Tensor) and t.device.type == "cpu"
+            if is_cpu and t.untyped_storage().data_ptr() not in operands:
                 self._track(t.untyped_storage(), sign=1)
         return out
 

@@ -1,0 +1,106 @@
+"""The convolution input factor formed without the patch matrix equals the dense oracle's.
+
+The oracle (``tests/kfac/oracle.py``) builds ``A`` literally: ``F.unfold`` patches of the input
+padded with the layer's padding mode, a ones column for the bias, every row scaled by ``1/S``,
+``A = aᵀa / N``. The library forms ``A`` from shifted products of the padded input
+(``kfac_train/kfac/conv_stats.py``); both run in float64 here, so they must agree to rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kfac_train.kfac import KFACPreconditioner
+from kfac_train.kfac.layers import Conv2dHandler
+
+from . import oracle
+
+CASES = {
+    "3x3-pad1": dict(kernel_size=3, padding=1),
+    "3x3-stride2-pad1": dict(kernel_size=3, stride=2, padding=1),
+    "3x3-dilation2-pad2": dict(kernel_size=3, dilation=2, padding=2),
+    "3x3-stride2-dilation2-no-pad": dict(kernel_size=3, stride=2, dilation=2),
+    "5x5-pad2": dict(kernel_size=5, padding=2),
+    "5x5-stride2-pad1": dict(kernel_size=5, stride=2, padding=1),
+    "1x1": dict(kernel_size=1),
+    "1x1-stride2": dict(kernel_size=1, stride=2),
+    "2x3-stride-2x1-pad-1x2-dilation-1x2": dict(
+        kernel_size=(2, 3), stride=(2, 1), padding=(1, 2), dilation=(1, 2)
+    ),
+    "3x2-stride3-dilation2": dict(kernel_size=(3, 2), stride=3, dilation=2, padding=1),
+    "same-2x3": dict(kernel_size=(2, 3), padding="same"),
+    "reflect-3x3": dict(kernel_size=3, padding=1, padding_mode="reflect"),
+    "reflect-5x5-stride2": dict(kernel_size=5, stride=2, padding=2, padding_mode="reflect"),
+    "replicate-3x3-dilation2": dict(kernel_size=3, padding=2, dilation=2, padding_mode="replicate"),
+    "circular-3x3-stride2": dict(kernel_size=3, stride=2, padding=2, padding_mode="circular"),
+    "circular-2x3": dict(kernel_size=(2, 3), padding=(1, 1), padding_mode="circular"),
+}
+
+
+def _oracle_A(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    out = conv(x)
+    capture = oracle.LayerCapture(inputs=x, output_grads=torch.zeros_like(out))
+    return oracle.conv2d_factors(conv, capture)[0]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_input_factor_matches_the_unfold_oracle_in_float64(case: str, bias: bool) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, bias=bias, **CASES[case]).double()
+    x = torch.randn(3, 3, 9, 8, dtype=torch.float64) + 0.5  # a mean: bias sums are not ~0
+    statistic, working = Conv2dHandler().input_statistic(conv, x, torch.float64)
+    expected = _oracle_A(conv, x)
+    assert statistic.shape == expected.shape
+    torch.testing.assert_close(statistic, expected, rtol=1e-12, atol=1e-14)
+    assert working > 0
+
+
+@pytest.mark.parametrize("case", ["3x3-stride2-pad1", "reflect-3x3", "same-2x3"])
+def test_channels_last_input_gives_the_same_factor(case: str) -> None:
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 2, **CASES[case]).double()
+    x = torch.randn(2, 4, 7, 10, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    statistic, _ = Conv2dHandler().input_statistic(conv, x, torch.float64)
+    torch.testing.assert_close(statistic, _oracle_A(conv, x), rtol=1e-12, atol=1e-14)
+
+
+def test_input_smaller_than_the_windows_overlap() -> None:
+    """Output 2x1: the windows of a 5x5 kernel do not intersect, so no pair shares a core."""
+    conv = nn.Conv2d(2, 2, kernel_size=5, padding=1).double()
+    x = torch.randn(2, 2, 5, 4, dtype=torch.float64)
+    statistic, _ = Conv2dHandler().input_statistic(conv, x, torch.float64)
+    torch.testing.assert_close(statistic, _oracle_A(conv, x), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_products_are_scaled_into_range(dtype: torch.dtype) -> None:
+    """Large inputs over many rows: unscaled float16 products would overflow (|x|² N ≫ 65504)."""
+    torch.manual_seed(2)
+    conv = nn.Conv2d(3, 2, 3, padding=1).double()
+    x = 300.0 * torch.randn(8, 3, 12, 12, dtype=torch.float64)
+    statistic, _ = Conv2dHandler().input_statistic(conv, x, dtype)
+    assert statistic.dtype == torch.float32
+    expected = _oracle_A(conv, x)
+    assert torch.isfinite(statistic).all()
+    torch.testing.assert_close(statistic.double(), expected, rtol=2e-2, atol=2e-2 * 300**2 / 81)
+
+
+def test_a_factor_update_step_never_builds_the_patch_matrix(monkeypatch) -> None:
+    """The preconditioner's Conv2d factor comes from ``input_statistic``: ``input_rows`` (the
+    patch copy) is never called, and ``A`` equals the oracle's."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the patch matrix was built")
+
+    monkeypatch.setattr(Conv2dHandler, "input_rows", forbidden)
+    torch.manual_seed(3)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode="replicate").double()
+    pre = KFACPreconditioner(conv, factor_decay=0.0, factor_dtype=torch.float64)
+    x = torch.randn(4, 3, 9, 9, dtype=torch.float64)
+    conv(x).square().mean().backward()
+    pre.step()
+    A = pre.blocks[next(iter(pre.blocks))].A.running
+    torch.testing.assert_close(A, _oracle_A(conv, x), rtol=1e-12, atol=1e-14)
