@@ -23,7 +23,15 @@ from torch import nn
 
 from .assignment import LayerShape
 from .factors import Factor
-from .layers import HandlerOptions, LayerHandler, PlainGrads, grad_matrix, write_grad_matrix
+from .layers import (
+    HandlerOptions,
+    LayerHandler,
+    PlainGrads,
+    grad_matrix,
+    per_example_scales,
+    write_grad_matrix,
+)
+from .precision import gram_mean
 from .second_order import SecondOrderMethod, make_method
 
 GradCallback = Callable[[torch.Tensor, "torch.Tensor | float"], None]
@@ -45,6 +53,10 @@ class KFACLayer:
         self.handler = handler
         self.inv_dtype = options.inv_dtype
         self.grads = options.grads or PlainGrads()
+        self.per_example = options.grad_scaling == "per_example"
+        #: ``(s_A, s_g)`` of the last forward (:func:`.layers.per_example_scales`; ``(1, 1)``
+        #: under the "mean" convention).
+        self.scales: tuple[float, float] = (1.0, 1.0)
         a, g = handler.factor_sizes(module)
         self.shape = LayerShape(name, a, g)
         device = module.weight.device
@@ -71,6 +83,8 @@ class KFACLayer:
     def on_forward(self, inputs: tuple[Any, ...], output: Any) -> GradCallback | None:
         """Add the micro-batch's input statistic to ``A``; the callback adds the output-gradient
         statistic to ``G``."""
+        if self.per_example:
+            self.scales = per_example_scales(self.handler, self.module, output)
         self.accumulate_input(inputs[0].detach())
         return self.accumulate_output_grad
 
@@ -80,15 +94,20 @@ class KFACLayer:
         working = rows.numel() * rows.element_size()
         working += copy_bytes(self.module, x) if copy_bytes is not None else 0
         self.peak_rows_bytes = max(self.peak_rows_bytes, working)
-        self.A.accumulate(rows)
+        if self.scales[0] == 1.0:
+            self.A.accumulate(rows)
+        else:  # the per-example convention's location rescale, on the (a × a) statistic
+            self.A.add(gram_mean(rows, self.A.stat_dtype) * self.scales[0])
 
     def accumulate_output_grad(
         self, grad_output: torch.Tensor, multiplier: torch.Tensor | float
     ) -> None:
         """``multiplier`` rescales ``g`` before the outer product: it undoes the ``1/k`` of
-        gradient accumulation, the AMP loss scale, and applies per-example scaling when asked."""
+        gradient accumulation, the AMP loss scale, and applies per-example scaling when asked;
+        ``scales[1]`` adds the per-example convention's location rescale."""
         rows = self.handler.output_grad_rows(self.module, grad_output)
-        self.G.accumulate(rows.to(self.G.dtype) * multiplier)
+        scale = multiplier if self.scales[1] == 1.0 else multiplier * self.scales[1]
+        self.G.accumulate(rows.to(self.G.dtype) * scale)
 
     # ------------------------------------------------------------------ second-order data
     def update_second_order(self, damping: float) -> None:
