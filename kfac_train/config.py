@@ -81,6 +81,7 @@ AT_LEAST_ONE = Range(low=1)
 FRACTION = Range(0, 1, low_open=True)  # (0, 1]
 UNIT_INTERVAL = Range(0, 1)  # [0, 1]
 DECAY = Range(0, 1, high_open=True)  # [0, 1)
+OPEN_UNIT_INTERVAL = Range(0, 1, low_open=True, high_open=True)  # (0, 1)
 
 #: Names of the floating dtypes K-FAC can store factors, second-order data and messages in.
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -241,7 +242,12 @@ class KFACConfig:
     Dtypes are names of torch dtypes (`DTYPES`). `inv_update_steps` must be a multiple of
     `factor_update_steps` (second-order data is recomputed right after a factor update, never
     from factors that have not changed). `damping`, `factor_decay` and `kl_clip` default to the
-    library's defaults (`KFACPreconditioner`).
+    library's defaults (`KFACPreconditioner`), `grad_scaling` too ("per_example": the Kronecker
+    blocks approximate the per-example Fisher, so `damping` is relative to curvature; "mean":
+    KAISA's convention, for recipes tuned with it). `adaptive_damping`: Levenberg–Marquardt
+    damping (every `damping_adapt_interval` steps, multiplied or divided by
+    `damping_adapt_decay ** damping_adapt_interval`, kept in [`min_damping`, `max_damping`]);
+    `damping` is then its initial value and `damping_milestones` must be empty.
     """
 
     factor_update_steps: int = within(10, AT_LEAST_ONE)
@@ -253,7 +259,7 @@ class KFACConfig:
     factored_damping: bool = False
     batchnorm: str = one_of("skip", BATCHNORM_MODES)
     conv_factor: str = one_of("patches", CONV_FACTORS)
-    grad_scaling: str = one_of("mean", GRAD_SCALINGS)
+    grad_scaling: str = one_of(library_default("grad_scaling"), GRAD_SCALINGS)
     skip_layers: list[str] = field(default_factory=list)
     factor_dtype: str = one_of("float32", DTYPES)
     inv_dtype: str = one_of("float32", DTYPES)
@@ -261,6 +267,11 @@ class KFACConfig:
     damping_gamma: float = within(0.5, POSITIVE)
     interval_milestones: list[float] = within([], NON_NEGATIVE, ascending=True)
     interval_factor: int = within(10, AT_LEAST_ONE)
+    adaptive_damping: bool = False
+    damping_adapt_interval: int = within(5, AT_LEAST_ONE)
+    damping_adapt_decay: float = within(0.95, OPEN_UNIT_INTERVAL)
+    min_damping: float = within(1e-8, POSITIVE)
+    max_damping: float = within(100.0, POSITIVE)
 
 
 @dataclass
