@@ -4,12 +4,17 @@ a checkpoint continues bit-exactly (the adapted damping is part of the K-FAC sta
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from kfac_train.app import train
+from kfac_train.config import to_run_config
 from kfac_train.engine.outputs import read_metrics
+from kfac_train.errors import UserError
+from kfac_train.validation import validate
 
 from .conftest import FAST, compose_config
 
@@ -56,3 +61,24 @@ def test_adaptive_damping_moves_is_logged_and_resumes_bit_exactly(tmp_path: Path
         assert torch.equal(tensor, final_b["model"][name]), name
     assert final_b["preconditioner"]["damping"] == final_a["preconditioner"]["damping"]
     assert _dampings(tmp_path / "b") == logged[4:]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["kfac.damping_adapt_decay=1.0"], "kfac.damping_adapt_decay=1.0 is not allowed"),
+        (["kfac.damping_adapt_interval=0"], "kfac.damping_adapt_interval=0 is not allowed"),
+        (["kfac.min_damping=0"], "kfac.min_damping=0.0 is not allowed"),
+        (
+            ["kfac.adaptive_damping=true", "kfac.min_damping=1", "kfac.max_damping=0.5"],
+            "kfac.min_damping=1.0 is not allowed: must be <= kfac.max_damping=0.5",
+        ),
+        (
+            ["kfac.adaptive_damping=true", "kfac.damping_milestones=[3]"],
+            "kfac.damping_milestones=[3.0] is not allowed: must be empty",
+        ),
+    ],
+)
+def test_adaptive_damping_options_are_validated(overrides: list[str], message: str) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        validate(to_run_config(compose_config(overrides)), world_size=1)
