@@ -54,9 +54,6 @@ class KFACLayer:
         self.inv_dtype = options.inv_dtype
         self.grads = options.grads or PlainGrads()
         self.per_example = options.grad_scaling == "per_example"
-        #: ``(s_A, s_g)`` of the last forward (:func:`.layers.per_example_scales`; ``(1, 1)``
-        #: under the "mean" convention).
-        self.scales: tuple[float, float] = (1.0, 1.0)
         a, g = handler.factor_sizes(module)
         self.shape = LayerShape(name, a, g)
         device = module.weight.device
@@ -82,32 +79,35 @@ class KFACLayer:
     # ------------------------------------------------------------------ statistics (hooks)
     def on_forward(self, inputs: tuple[Any, ...], output: Any) -> GradCallback | None:
         """Add the micro-batch's input statistic to ``A``; the callback adds the output-gradient
-        statistic to ``G``."""
-        if self.per_example:
-            self.scales = per_example_scales(self.handler, self.module, output)
-        self.accumulate_input(inputs[0].detach())
-        return self.accumulate_output_grad
+        statistic to ``G``. Under the per-example convention both carry the handler's location
+        rescale (:func:`.layers.per_example_scales`), bound to this call's output shape."""
+        s_A, s_g = (
+            per_example_scales(self.handler, self.module, output) if self.per_example else (1, 1)
+        )
+        self.accumulate_input(inputs[0].detach(), s_A)
+        if s_g == 1:
+            return self.accumulate_output_grad
+        return lambda grad, multiplier: self.accumulate_output_grad(grad, multiplier * s_g)
 
-    def accumulate_input(self, x: torch.Tensor) -> None:
+    def accumulate_input(self, x: torch.Tensor, scale: float = 1.0) -> None:
+        """Add ``scale ·`` the input statistic of ``x`` to ``A``."""
         rows = self.handler.input_rows(self.module, x)
         copy_bytes = getattr(self.handler, "input_copy_bytes", None)
         working = rows.numel() * rows.element_size()
         working += copy_bytes(self.module, x) if copy_bytes is not None else 0
         self.peak_rows_bytes = max(self.peak_rows_bytes, working)
-        if self.scales[0] == 1.0:
+        if scale == 1:
             self.A.accumulate(rows)
-        else:  # the per-example convention's location rescale, on the (a × a) statistic
-            self.A.add(gram_mean(rows, self.A.stat_dtype) * self.scales[0])
+        else:  # scaled as an (a × a) statistic, not as (N × a) rows
+            self.A.add(gram_mean(rows, self.A.stat_dtype) * scale)
 
     def accumulate_output_grad(
         self, grad_output: torch.Tensor, multiplier: torch.Tensor | float
     ) -> None:
         """``multiplier`` rescales ``g`` before the outer product: it undoes the ``1/k`` of
-        gradient accumulation, the AMP loss scale, and applies per-example scaling when asked;
-        ``scales[1]`` adds the per-example convention's location rescale."""
+        gradient accumulation, the AMP loss scale, and applies per-example scaling when asked."""
         rows = self.handler.output_grad_rows(self.module, grad_output)
-        scale = multiplier if self.scales[1] == 1.0 else multiplier * self.scales[1]
-        self.G.accumulate(rows.to(self.G.dtype) * scale)
+        self.G.accumulate(rows.to(self.G.dtype) * multiplier)
 
     # ------------------------------------------------------------------ second-order data
     def update_second_order(self, damping: float) -> None:
