@@ -81,6 +81,7 @@ AT_LEAST_ONE = Range(low=1)
 FRACTION = Range(0, 1, low_open=True)  # (0, 1]
 UNIT_INTERVAL = Range(0, 1)  # [0, 1]
 DECAY = Range(0, 1, high_open=True)  # [0, 1)
+OPEN_UNIT_INTERVAL = Range(0, 1, low_open=True, high_open=True)  # (0, 1)
 
 #: Names of the floating dtypes K-FAC can store factors, second-order data and messages in.
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -245,10 +246,16 @@ class KFACConfig:
     Dtypes are names of torch dtypes (`DTYPES`). `inv_update_steps` must be a multiple of
     `factor_update_steps` (second-order data is recomputed right after a factor update, never
     from factors that have not changed). `damping`, `factor_decay` and `kl_clip` default to the
-    library's defaults (`KFACPreconditioner`). `stale=adaptive`: SP-NGD's per-statistic refresh
-    intervals with similarity threshold `stale_threshold` (the library's `stale`). `fisher=mc`:
-    G from the loss of `mc_samples` label draws from the model's predictive distribution
-    (`Task.sample_fisher_loss`); `empirical`: from the true loss.
+    library's defaults (`KFACPreconditioner`), `grad_scaling` too ("per_example": the Kronecker
+    blocks approximate the per-example Fisher, so `damping` is relative to curvature; "mean":
+    KAISA's convention, for recipes tuned with it). `adaptive_damping`: Levenberg–Marquardt
+    damping (every `damping_adapt_interval` steps, multiplied or divided by
+    `damping_adapt_decay ** damping_adapt_interval`, kept in [`min_damping`, `max_damping`]);
+    `damping` is then its initial value and `damping_milestones` must be empty.
+    `stale=adaptive`: SP-NGD's per-statistic refresh intervals with similarity threshold
+    `stale_threshold` (the library's `stale`). `fisher=mc`: G from the loss of `mc_samples`
+    label draws from the model's predictive distribution (`Task.sample_fisher_loss`);
+    `empirical`: from the true loss.
     """
 
     factor_update_steps: int = within(10, AT_LEAST_ONE)
@@ -262,7 +269,7 @@ class KFACConfig:
     embedding: str = one_of("skip", EMBEDDING_MODES)
     layernorm: str = one_of("skip", LAYERNORM_MODES)
     conv_factor: str = one_of("patches", CONV_FACTORS)
-    grad_scaling: str = one_of("mean", GRAD_SCALINGS)
+    grad_scaling: str = one_of(library_default("grad_scaling"), GRAD_SCALINGS)
     skip_layers: list[str] = field(default_factory=list)
     factor_dtype: str = one_of("float32", DTYPES)
     inv_dtype: str = one_of("float32", DTYPES)
@@ -274,6 +281,11 @@ class KFACConfig:
     stale_threshold: float = within(library_default("stale_threshold"), POSITIVE)
     fisher: str = one_of("empirical", FISHER_ESTIMATES)
     mc_samples: int = within(1, AT_LEAST_ONE)
+    adaptive_damping: bool = False
+    damping_adapt_interval: int = within(5, AT_LEAST_ONE)
+    damping_adapt_decay: float = within(0.95, OPEN_UNIT_INTERVAL)
+    min_damping: float = within(1e-8, POSITIVE)
+    max_damping: float = within(100.0, POSITIVE)
 
 
 @dataclass

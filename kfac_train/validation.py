@@ -85,6 +85,16 @@ def check_kfac(kfac: KFACConfig) -> None:
             f"kfac.inv_update_steps={inverse} is not allowed: it must be a multiple of "
             f"kfac.factor_update_steps={factor} (e.g. {factor * max(1, round(inverse / factor))})"
         )
+    if kfac.adaptive_damping and kfac.min_damping > kfac.max_damping:
+        raise refuse(
+            "kfac.min_damping", kfac.min_damping, f"must be <= kfac.max_damping={kfac.max_damping}"
+        )
+    if kfac.adaptive_damping and kfac.damping_milestones:
+        raise refuse(
+            "kfac.damping_milestones",
+            list(kfac.damping_milestones),
+            "must be empty with kfac.adaptive_damping=true (the damping is adapted instead)",
+        )
     for pattern in kfac.skip_layers:
         try:
             re.compile(pattern)

@@ -6,7 +6,9 @@ One optimizer step:
 2. ``scaler.unscale_(optimizer)`` (a no-op unless fp16), optional gradient clipping;
 3. the schedule sets this step's lr (and tied momentum);
 4. ``preconditioner.step()`` — K-FAC, or the no-op preconditioner of the baselines;
-5. ``scaler.step(optimizer)``, ``scaler.update()``, ``zero_grad``, ``task.after_optimizer_step``.
+5. ``scaler.step(optimizer)``, ``scaler.update()``, ``zero_grad``, ``task.after_optimizer_step``;
+6. with ``kfac.adaptive_damping``, on due steps: the last micro-batch's loss again (no grad)
+   for K-FAC's Levenberg–Marquardt damping (`_adapt_damping`).
 
 Losses stay on the device between log steps (no host sync per step). Evaluation, logging,
 checkpoints, the target metric and stop signals are handled at step boundaries, in the same
@@ -301,10 +303,27 @@ class Trainer:
         p.scaler.update()
         p.optimizer.zero_grad(set_to_none=True)
         p.task.after_optimizer_step(p.module)
+        if p.preconditioner.adaptive_damping_due():
+            self._adapt_damping(batch, out.loss.detach())
         self.position.step += 1
         self.position.batches += k
         self.position.samples += p.plan.global_batch
         self._window_steps += 1
+
+    def _adapt_damping(self, batch: Any, loss_before: torch.Tensor) -> None:
+        """Levenberg–Marquardt damping (``kfac.adaptive_damping``, on due steps only): the loss
+        of the step's last micro-batch (already on the device) is evaluated again after the
+        update — train mode, same autocast, no grad — and K-FAC compares the change with its
+        quadratic model (all ranks average the losses). Buffers (BatchNorm running statistics)
+        are restored, so the extra forward changes nothing but the damping (and RNG draws)."""
+        p = self.p
+        with torch.no_grad():
+            buffers = [b.clone() for b in p.module.buffers()]
+            with p.autocast():
+                loss_after = p.task.training_loss(p.model, batch).loss.detach()
+            for buffer, saved in zip(p.module.buffers(), buffers, strict=True):
+                buffer.copy_(saved)
+        p.preconditioner.update_damping(loss_before.float(), loss_after.float())
 
     def _after_step(self, epoch_done: bool, start: float) -> str:
         """Logging, evaluation, target, checkpoint and signal handling; returns the status."""
@@ -390,6 +409,9 @@ class Trainer:
                 "memory_bytes": memory,
                 **self._statistics_fraction(),
             }
+            damping = getattr(p.preconditioner, "current_damping", None)
+            if damping is not None:
+                record["kfac"]["damping"] = damping()
         self._emit(record)
         self._window_loss = torch.zeros((), device=p.dist.device)
         self._window_logs = {}

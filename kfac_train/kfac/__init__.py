@@ -18,12 +18,14 @@ from .assignment import (
 )
 from .auto_strategy import MemoryBudgetError, choose_grad_worker_fraction
 from .comm import COMM_KINDS
+from .damping import AdaptiveDamping
 from .hyperparams import DEFAULT_DAMPING
 from .layers import LayerHandler, register_handler
 from .memory_model import Footprint, candidate_fractions, predict_footprint
 from .preconditioner import KFACPreconditioner
 
 __all__ = [
+    "AdaptiveDamping",
     "COMM_KINDS",
     "DEFAULT_DAMPING",
     "Footprint",

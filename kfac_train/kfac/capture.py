@@ -169,11 +169,16 @@ class StatisticsCapture:
         self.on_complete(block)
 
     def g_multiplier(self, grad: torch.Tensor) -> torch.Tensor | float:
-        """``k / loss_scale`` (``× batch size`` for per-example scaling): undo the caller's
-        ``1/k`` loss division and the AMP loss scale before ``g`` enters the statistics."""
+        """``k / loss_scale``, times the examples count ``C`` under the per-example convention:
+        undo the caller's ``1/k`` loss division and the AMP loss scale before ``g`` enters the
+        statistics, and (per-example) turn the gradient of the mean loss into per-example ones.
+
+        ``C`` is the leading (batch) dimension of the output gradient — the examples the
+        micro-batch loss averages over — or 1 for an unbatched output. Blocks add their
+        location rescale on top (:func:`.layers.per_example_scales`)."""
         multiplier: torch.Tensor | float = float(self.accumulation_steps)
         if self.grad_scaling == "per_example":
-            multiplier *= grad.shape[0]
+            multiplier *= grad.shape[0] if grad.dim() > 1 else 1
         scale = self._loss_scale()
         return multiplier / scale if not isinstance(scale, float) or scale != 1.0 else multiplier
 

@@ -147,15 +147,15 @@ class EmbeddingLayer(KFACLayer):
             self.name, a, g, options.inv_dtype, device, options.warner, options.factored_damping
         )
 
-    def accumulate_input(self, x: torch.Tensor) -> None:
-        """Add ``diag(count_v / N)`` of the micro-batch's ``N`` token ids ``x``."""
+    def accumulate_input(self, x: torch.Tensor, scale: float = 1.0) -> None:
+        """Add ``scale · diag(count_v / N)`` of the micro-batch's ``N`` token ids ``x``."""
         ids = x.reshape(-1)
         counts = torch.bincount(ids, minlength=self.shape.a).to(self.A.dtype)
         padding = self.module.padding_idx
         if padding is not None:
             counts[padding] = 0.0  # padding tokens get no gradient: zero rows of a
         self.peak_rows_bytes = max(self.peak_rows_bytes, 2 * counts.numel() * counts.element_size())
-        self.A.add(counts / max(ids.numel(), 1))
+        self.A.add(counts * (scale / max(ids.numel(), 1)))
 
     def grad(self) -> torch.Tensor | None:
         weight_grad = self.grads.read(self.module.weight)

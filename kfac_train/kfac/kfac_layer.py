@@ -23,7 +23,15 @@ from torch import nn
 
 from .assignment import LayerShape
 from .factors import Factor
-from .layers import HandlerOptions, LayerHandler, PlainGrads, grad_matrix, write_grad_matrix
+from .layers import (
+    HandlerOptions,
+    LayerHandler,
+    PlainGrads,
+    grad_matrix,
+    per_example_scales,
+    write_grad_matrix,
+)
+from .precision import gram_mean
 from .second_order import SecondOrderMethod, make_method
 
 GradCallback = Callable[[torch.Tensor, "torch.Tensor | float"], None]
@@ -45,6 +53,7 @@ class KFACLayer:
         self.handler = handler
         self.inv_dtype = options.inv_dtype
         self.grads = options.grads or PlainGrads()
+        self.per_example = options.grad_scaling == "per_example"
         a, g = handler.factor_sizes(module)
         self.shape = LayerShape(name, a, g, diagonal_a=self.diagonal_input)
         device = module.weight.device
@@ -84,24 +93,37 @@ class KFACLayer:
     # ------------------------------------------------------------------ statistics (hooks)
     def on_forward(self, inputs: tuple[Any, ...], output: Any) -> GradCallback | None:
         """Add the micro-batch's input statistic to ``A``; the callback adds the output-gradient
-        statistic to ``G`` (each only while :attr:`.Factor.active`)."""
+        statistic to ``G`` (each only while :attr:`.Factor.active`). Under the per-example
+        convention both carry the handler's location rescale (:func:`.layers.per_example_scales`),
+        bound to this call's output shape."""
+        s_A, s_g = (
+            per_example_scales(self.handler, self.module, output) if self.per_example else (1, 1)
+        )
         if self.A.active:
-            self.accumulate_input(inputs[0].detach())
-        return self.accumulate_output_grad if self.G.active else None
+            self.accumulate_input(inputs[0].detach(), s_A)
+        if not self.G.active:
+            return None
+        if s_g == 1:
+            return self.accumulate_output_grad
+        return lambda grad, multiplier: self.accumulate_output_grad(grad, multiplier * s_g)
 
-    def accumulate_input(self, x: torch.Tensor) -> None:
+    def accumulate_input(self, x: torch.Tensor, scale: float = 1.0) -> None:
+        """Add ``scale ·`` the input statistic of ``x`` to ``A``."""
         statistic = getattr(self.handler, "input_statistic", None)
         if statistic is not None:  # the handler forms aᵀa / N without the rows (conv_stats)
             stat, working = statistic(self.module, x, self.A.stat_dtype)
             self.peak_rows_bytes = max(self.peak_rows_bytes, working)
-            self.A.add(stat)
+            self.A.add(stat if scale == 1 else stat * scale)
             return
         rows = self.handler.input_rows(self.module, x)
         copy_bytes = getattr(self.handler, "input_copy_bytes", None)
         working = rows.numel() * rows.element_size()
         working += copy_bytes(self.module, x) if copy_bytes is not None else 0
         self.peak_rows_bytes = max(self.peak_rows_bytes, working)
-        self.A.accumulate(rows)
+        if scale == 1:
+            self.A.accumulate(rows)
+        else:  # scaled as an (a × a) statistic, not as (N × a) rows
+            self.A.add(gram_mean(rows, self.A.stat_dtype) * scale)
 
     def accumulate_output_grad(
         self, grad_output: torch.Tensor, multiplier: torch.Tensor | float

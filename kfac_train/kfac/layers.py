@@ -43,6 +43,7 @@ class HandlerOptions:
     embedding: str = "skip"
     layernorm: str = "skip"
     world_size: int = 1
+    grad_scaling: str = "per_example"  # the factor convention (docs/kfac.md)
     warner: Any = None  # diagnostics.RateLimitedWarner
     grads: Any = None  # GradAccess; None = PlainGrads (sharded.ShardedGrads under FSDP2)
 
@@ -88,6 +89,28 @@ class LayerHandler(Protocol):
 
     def skip_reason(self, module: nn.Module) -> str | None:
         """Why this module cannot be handled, or ``None`` when it can."""
+
+    # Optional: ``per_example_scales(module, output) -> (s_A, s_g)``, the scalars that turn the
+    # rows above into the per-example convention's factors (see :func:`per_example_scales`).
+
+
+def per_example_scales(
+    handler: Any, module: nn.Module, output: torch.Tensor
+) -> tuple[float, float]:
+    """``(s_A, s_g)`` of the per-example convention (``docs/kfac.md``): ``A`` is multiplied by
+    ``s_A`` and the rows ``g`` by ``s_g`` (on top of the examples count ``C`` the capture applies),
+    so that ``A = mean over rows of a aᵀ`` and ``G = (R/C)·mean over rows of (Cg)(Cg)ᵀ`` with
+    ``R/C`` rows per example. Handlers without the method get the Linear rule."""
+    scales = getattr(handler, "per_example_scales", None)
+    if scales is not None:
+        return scales(module, output)
+    return 1.0, _locations_per_example(output) ** 0.5
+
+
+def _locations_per_example(output: torch.Tensor) -> int:
+    """Rows per example of a feature-last output ``(B, ..., out)``: the product of the middle
+    dimensions (sequence positions), 1 for ``(B, out)`` or unbatched outputs."""
+    return output[0, ..., 0].numel() if output.dim() > 2 else 1
 
 
 def _with_bias_column(rows: torch.Tensor, has_bias: bool) -> torch.Tensor:
@@ -220,6 +243,13 @@ class Conv2dHandler:
         spatial = grad_output.shape[2] * grad_output.shape[3]
         rows = grad_output.permute(0, 2, 3, 1).reshape(-1, channels)
         return rows / spatial
+
+    def per_example_scales(self, module: nn.Module, output: torch.Tensor) -> tuple[float, float]:
+        """KFC's block ``S·E[p pᵀ] ⊗ E[(Cg)(Cg)ᵀ]`` from rows that carry ``1/S`` each:
+        ``A ×S²`` (patches averaged over locations) and ``g ×S·√S`` (the ``1/S`` undone, the
+        block rescaled by the ``S`` locations)."""
+        spatial = output.shape[-2] * output.shape[-1]
+        return float(spatial) ** 2, float(spatial) ** 1.5
 
     def factor_sizes(self, module: nn.Module) -> tuple[int, int]:
         kh, kw = module.kernel_size

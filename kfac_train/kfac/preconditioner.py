@@ -20,6 +20,7 @@ from .assignment import WorkPlan, plan_work, resolve_grad_worker_fraction
 from .auto_strategy import auto_grad_worker_fraction
 from .capture import StatisticsCapture, register_blocks
 from .comm import make_communicator
+from .damping import AdaptiveDamping, DampingMixin, kl_clip_scale, make_controller
 from .diagnostics import RateLimitedWarner
 from .hyperparams import DEFAULT_DAMPING, Scheduled, check_choices, is_due, resolve
 from .layers import HandlerOptions
@@ -32,7 +33,7 @@ from .sharded import ShardedGrads
 from .stale import DEFAULT_THRESHOLD
 
 
-class KFACPreconditioner:
+class KFACPreconditioner(DampingMixin):
     """Distributed K-FAC gradient preconditioner (conventions: ``docs/kfac.md``).
 
     Use next to any optimizer: ``loss.backward(); pre.step(); optimizer.step()``. After
@@ -57,7 +58,7 @@ class KFACPreconditioner:
         factor_dtype: torch.dtype = torch.float32,
         inv_dtype: torch.dtype = torch.float32,
         skip_layers: Sequence[str] = (),
-        grad_scaling: str = "mean",
+        grad_scaling: str = "per_example",
         batchnorm: str = "skip",
         embedding: str = "skip",
         layernorm: str = "skip",
@@ -73,6 +74,7 @@ class KFACPreconditioner:
         stale: str = "off",
         stale_threshold: float = DEFAULT_THRESHOLD,
         process_group: dist.ProcessGroup | None = None,
+        adaptive_damping: AdaptiveDamping | None = None,
     ) -> None:
         check_choices(
             compute_method=compute_method,
@@ -108,6 +110,7 @@ class KFACPreconditioner:
             embedding=embedding,
             layernorm=layernorm,
             world_size=self.comm.world_size,
+            grad_scaling=grad_scaling,
             warner=self.warner,
             grads=ShardedGrads(),  # FSDP2 DTensor gradients gathered; plain ones as they are
         )
@@ -168,6 +171,7 @@ class KFACPreconditioner:
         self._refresh_factors = self._refresh_second_order = False
         self._arm()
         self.last_kl_scale = torch.ones((), device=self.reduction.dropped.device)
+        self.adaptive = make_controller(adaptive_damping, resolve(damping, 0))  # or None
 
     @property
     def layer_names(self) -> list[str]:
@@ -200,11 +204,12 @@ class KFACPreconditioner:
             self.reduction.reduce(float(resolve(self.factor_decay, step)), step)
             self._refresh_factors = False
         if self._refresh_second_order or is_due(self.inv_update_steps, step, "inv_update_steps"):
-            self._update_second_order(float(resolve(self.damping, step)))
+            self._update_second_order(self.current_damping(step))
         grads = {name: block.grad() for name, block in self.blocks.items()}
         preconditioned = self._precondition(grads)
         broadcast_preconditioned(self.plan, self.comm, self._planned, preconditioned)
         self._clip_and_write(preconditioned, grads, step)
+        self._record_quadratic_model(step, grads, preconditioned)
         self.steps += 1
         self._arm()
         self.comm.stats.end_step()
@@ -241,19 +246,9 @@ class KFACPreconditioner:
         present = [name for name, grad in grads.items() if grad is not None]
         if not present:
             return
-        if kl_clip is None:
-            scale = torch.ones((), dtype=torch.float64, device=self.last_kl_scale.device)
-        else:
-            lr = float(resolve(self.lr, step))
-            terms = [
-                (preconditioned[n].to(torch.float64) * grads[n].to(torch.float64)).sum()
-                for n in present
-            ]
-            vg = torch.stack(terms).sum().abs() * lr**2
-            scale = torch.where(
-                vg > 0, torch.sqrt(kl_clip / vg).clamp(max=1.0), torch.ones_like(vg)
-            )
-        self.last_kl_scale = scale
+        pairs = [(preconditioned[n], grads[n]) for n in present]
+        lr = float(resolve(self.lr, step)) if kl_clip is not None else 0.0
+        self.last_kl_scale = scale = kl_clip_scale(pairs, kl_clip, lr, self.last_kl_scale.device)
         for name in present:
             V = preconditioned[name]
             self.blocks[name].write_grad(V * scale.to(V.dtype))
@@ -262,14 +257,17 @@ class KFACPreconditioner:
     def state_dict(self, include_factors: bool = True) -> dict[str, Any]:
         """Step counter, factors and second-order data, gathered on rank 0 (a collective in
         distributed runs: every rank must call it; only rank 0's result is complete)."""
-        return checkpoint.state_dict(
-            self.blocks,
-            self.plan,
-            self.comm,
-            steps=self.steps,
-            compute_method=self.compute_method,
-            include_factors=include_factors,
-            schedule=self.reduction.schedule,
+        return (
+            checkpoint.state_dict(
+                self.blocks,
+                self.plan,
+                self.comm,
+                steps=self.steps,
+                compute_method=self.compute_method,
+                include_factors=include_factors,
+                schedule=self.reduction.schedule,
+            )
+            | self._damping_state()
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -278,6 +276,7 @@ class KFACPreconditioner:
             self.blocks, self.plan, self.comm, state, self.reduction.schedule
         )
         self.steps = steps
+        self._load_damping_state(state)
         self._refresh_factors |= refresh_factors
         self._refresh_second_order |= refresh_second_order
         self._arm()

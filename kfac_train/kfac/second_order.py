@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import linalg, precision
+from .damping import warn_if_swamped
 from .diagnostics import RateLimitedWarner
 
 EIGEN = "eigen"
@@ -170,6 +171,7 @@ class EigenMethod(SecondOrderMethod):
             if not self.has_data():
                 self.tensors = self.identity()
             return
+        warn_if_swamped(self.warner, self.layer, damping, d_A.max(), d_G.max())
         self._store([Q_A, Q_G, self._recip(d_A, d_G, A, G, damping)])
 
     def _part_dtype(self, factor: torch.Tensor) -> torch.dtype:
@@ -202,6 +204,7 @@ class EigenMethod(SecondOrderMethod):
             if not self.has_data():
                 self.tensors = self.identity()
             return
+        warn_if_swamped(self.warner, self.layer, damping, d_A.max(), d_G.max())
         self._store([Q_A, Q_G, self._recip(d_A.to(Q_A.dtype), d_G.to(Q_G.dtype), A, G, damping)])
 
     def precondition(self, grad: torch.Tensor) -> torch.Tensor:
@@ -240,6 +243,8 @@ class InverseMethod(SecondOrderMethod):
             return previous if previous is not None else self.identity()[index]
 
     def compute(self, A: torch.Tensor, G: torch.Tensor, damping: float) -> None:
+        norms = [torch.linalg.matrix_norm(F.double()) for F in (A, G)]  # ≥ the largest eigenvalue
+        warn_if_swamped(self.warner, self.layer, damping, *norms, bound="‖A‖_F·‖G‖_F")
         lam = self._dampings(A, G, damping)
         self.tensors = [self._inverse("A", A, lam["A"]), self._inverse("G", G, lam["G"])]
 

@@ -30,6 +30,10 @@ class Preconditioner(Protocol):
 
     def memory_bytes(self, transient: bool = False) -> dict[str, int]: ...
 
+    def adaptive_damping_due(self) -> bool: ...
+
+    def update_damping(self, loss_before: Any, loss_after: Any) -> float: ...
+
 
 class NoPreconditioner:
     """The identity preconditioner of first-order baselines: gradients pass unchanged."""
@@ -51,6 +55,12 @@ class NoPreconditioner:
 
     def memory_bytes(self, transient: bool = False) -> dict[str, int]:
         return {}
+
+    def adaptive_damping_due(self) -> bool:
+        return False
+
+    def update_damping(self, loss_before: Any, loss_after: Any) -> float:
+        raise RuntimeError("first-order baselines have no damping")
 
 
 def dtype_of(name: str, key: str, kfac: KFACConfig | None = None) -> torch.dtype:
@@ -90,7 +100,7 @@ def build_preconditioner(
         return NoPreconditioner()
     if kind != "kfac":
         raise UserError(f"optim.preconditioner={kind!r}: choose none or kfac")
-    from kfac_train.kfac import KFACPreconditioner, MemoryBudgetError
+    from kfac_train.kfac import AdaptiveDamping, KFACPreconditioner, MemoryBudgetError
 
     budget = _memory_budget_bytes(strategy)
     hyper = kfac_hyperparameter_schedules(kfac, schedule_unit, steps_per_epoch)
@@ -128,6 +138,14 @@ def build_preconditioner(
             overlap_comm=strategy.overlap_comm,
             stale=kfac.stale,
             stale_threshold=kfac.stale_threshold,
+            adaptive_damping=AdaptiveDamping(
+                interval=kfac.damping_adapt_interval,
+                decay=kfac.damping_adapt_decay,
+                min_damping=kfac.min_damping,
+                max_damping=kfac.max_damping,
+            )
+            if kfac.adaptive_damping
+            else None,
         )
     except MemoryBudgetError as error:
         raise UserError(

@@ -146,13 +146,64 @@ def conv2d_factors(conv: nn.Conv2d, capture: LayerCapture) -> tuple[Tensor, Tens
     return _symmetrise(a.T @ a / a.shape[0]), _symmetrise(g.T @ g / g.shape[0])
 
 
-def layer_factors(layer: nn.Module, capture: LayerCapture) -> tuple[Tensor, Tensor]:
-    """(A, G) of one batch for an ``nn.Linear`` or ``nn.Conv2d`` layer."""
+def layer_factors(
+    layer: nn.Module, capture: LayerCapture, convention: str = "mean"
+) -> tuple[Tensor, Tensor]:
+    """(A, G) of one batch for an ``nn.Linear`` or ``nn.Conv2d`` layer under ``convention``
+    (``"mean"``: kfac-math.md's; ``"per_example"``: :func:`per_example_factors`)."""
+    if convention == "per_example":
+        return per_example_factors(layer, capture)
     if isinstance(layer, nn.Linear):
         return linear_factors(layer, capture)
     if isinstance(layer, nn.Conv2d):
         return conv2d_factors(layer, capture)
     raise TypeError(f"the oracle has no factors for {type(layer).__name__}")
+
+
+def per_example_factors(layer: nn.Module, capture: LayerCapture) -> tuple[Tensor, Tensor]:
+    """(A, G) of the per-example convention (docs/kfac.md), literally from its definition.
+
+    Rows ``r`` are (example, location) pairs: ``R`` of them over ``C`` examples (the leading
+    dimension; conv locations and sequence positions are the other dimensions). ``a_r`` is the
+    input row (conv: the patch, no ``1/S``), ``g_r`` the output gradient of the mean loss, so
+    ``C·g_r`` is the per-example gradient. ``A = (1/R) Σ_r a_r a_rᵀ`` and
+    ``G = (1/C) Σ_r (C g_r)(C g_r)ᵀ``: KFC's ``E_n[Σ_t Ds_t Ds_tᵀ]``.
+    """
+    examples = capture.output_grads.shape[0]
+    if isinstance(layer, nn.Linear):
+        a = capture.inputs.to(DTYPE).reshape(-1, layer.in_features)
+        g = capture.output_grads.to(DTYPE).reshape(-1, layer.out_features)
+    elif isinstance(layer, nn.Conv2d):
+        patches = conv2d_patches(layer, capture.inputs)
+        a = patches.reshape(-1, patches.shape[-1])
+        g = capture.output_grads.to(DTYPE).permute(0, 2, 3, 1).reshape(a.shape[0], -1)
+    else:
+        raise TypeError(f"the oracle has no factors for {type(layer).__name__}")
+    if layer.bias is not None:
+        a = _with_bias_column(a, 1.0)
+    per_example_g = examples * g
+    A = sum(torch.outer(row, row) for row in a) / a.shape[0]
+    G = sum(torch.outer(row, row) for row in per_example_g) / examples
+    return _symmetrise(A), _symmetrise(G)
+
+
+def per_example_fisher(
+    model: nn.Module, layer_name: str, example_loss: Callable[[nn.Module, int], Tensor], count: int
+) -> Tensor:
+    """The exact per-example Fisher block ``F = (1/C) Σ_n vec(∇ℓ_n) vec(∇ℓ_n)ᵀ`` of one layer.
+
+    Each ``∇ℓ_n`` is computed by autograd from ``example_loss(model, n)``, the loss of example
+    ``n`` alone (no factor, no capture): the definition K-FAC approximates by ``A ⊗ G``.
+    """
+    layer = dict(model.named_modules())[layer_name]
+    rows = []
+    for n in range(count):
+        model.zero_grad(set_to_none=True)
+        example_loss(model, n).backward()
+        rows.append(vec(gradient_matrix(layer)))
+    model.zero_grad(set_to_none=True)
+    grads = torch.stack(rows)
+    return grads.T @ grads / count
 
 
 def gradient_matrix(layer: nn.Module) -> Tensor:
@@ -270,8 +321,10 @@ def batch_statistics(
     source: nn.Module,
     layer_names: Sequence[str],
     run_backward: Callable[[nn.Module], None],
+    convention: str = "mean",
 ) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
-    """Batch factors ``{layer: (A, G)}`` and gradients ``{layer: [dW, db]}`` of one pass.
+    """Batch factors ``{layer: (A, G)}`` (under ``convention``, see :func:`layer_factors`) and
+    gradients ``{layer: [dW, db]}`` of one pass.
 
     ``reference`` is a hook-free model of the same architecture as ``source``; it first takes
     ``source``'s current parameters, so the statistics are those ``source`` sees in the same pass.
@@ -280,7 +333,9 @@ def batch_statistics(
     reference.zero_grad(set_to_none=True)
     captures = capture_layers(reference, layer_names, run_backward)
     modules = dict(reference.named_modules())
-    factors = {name: layer_factors(modules[name], captures[name]) for name in layer_names}
+    factors = {
+        name: layer_factors(modules[name], captures[name], convention) for name in layer_names
+    }
     grads = {name: gradient_matrix(modules[name]) for name in layer_names}
     return factors, grads
 

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 import torch
 from torch import nn
 
-from kfac_train.kfac import KFACPreconditioner
+from kfac_train.kfac import KFACPreconditioner as _KFACPreconditioner
 
 from . import oracle
 from .models import strided_cnn
+
+# Setup: these expectations are built in kfac-math.md's "mean" convention (the library default
+# before issue 10); the per-example default is tested in test_convention.py.
+KFACPreconditioner = partial(_KFACPreconditioner, grad_scaling="mean")
 
 FLOAT64 = {"factor_dtype": torch.float64, "inv_dtype": torch.float64}
 TOLERANCE = 1e-9
@@ -127,8 +132,9 @@ def test_default_float32_factors_match_the_reference_to_float32_accuracy(
 ConvThenLinear = strided_cnn  # conv (3→4, 3x3, stride 2) → tanh → flatten → linear (36 → 3)
 
 
-def _two_layer_problem():
-    """(model, run_backward, {layer: (A, G)}, {layer: grad}) for :class:`ConvThenLinear`."""
+def _two_layer_problem(convention: str = "mean"):
+    """(model, run_backward, {layer: (A, G)}, {layer: grad}) for :class:`ConvThenLinear`, the
+    factors in ``convention``."""
     torch.manual_seed(1)
     model = ConvThenLinear().double()
     inputs = torch.randn(6, 3, 7, 7, dtype=torch.float64)
@@ -138,7 +144,7 @@ def _two_layer_problem():
         nn.functional.cross_entropy(m(inputs), labels).backward()
 
     factors, grads = oracle.batch_statistics(
-        copy.deepcopy(model), model, ["conv", "head"], run_backward
+        copy.deepcopy(model), model, ["conv", "head"], run_backward, convention
     )
     return model, run_backward, factors, grads
 
@@ -192,12 +198,16 @@ def test_kl_clip_off_or_loose_leaves_the_preconditioned_gradient_unscaled(kl_cli
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("layer_under_test", ["conv", "head"])
-def test_per_example_grad_scaling_multiplies_g_by_the_batch_size(
+def test_per_example_grad_scaling_uses_the_per_example_factors(
     method: str, layer_under_test: str
 ) -> None:
-    model, run_backward, factors, grads = _two_layer_problem()
-    batch_size = 6
-    per_example = {name: (A, G * batch_size**2) for name, (A, G) in factors.items()}
+    """Linear head: ``G`` times the batch size squared; conv: KFC's location-averaged ``A`` and
+    location-summed per-example ``G`` (``oracle.per_example_factors``)."""
+    model, run_backward, per_example, grads = _two_layer_problem("per_example")
+    _, _, mean_factors, _ = _two_layer_problem()
+    A_head, G_head = mean_factors["head"]
+    torch.testing.assert_close(per_example["head"][0], A_head)
+    torch.testing.assert_close(per_example["head"][1], G_head * 6**2)  # batch size 6
     damping = oracle.damping_inside_spectrum(method, *per_example[layer_under_test])
     A, G = per_example[layer_under_test]
     oracle.assert_sensitive_to_both_factors(method, A, G, grads[layer_under_test], damping)

@@ -81,6 +81,9 @@ FLOAT64_KWARGS: dict[str, Any] = {
     "kl_clip": None,
     "factor_dtype": torch.float64,
     "inv_dtype": torch.float64,
+    # Setup: the merged-micro-batch sensitivity check below needs a G that depends on the split
+    # ("mean"); the per-example default's split invariance is tested in test_convention.py.
+    "grad_scaling": "mean",
 }
 # With that damping the update is the near-exact natural gradient, of norm ~1e12 here; a
 # tiny learning rate keeps the parameters in a sane range for the following steps.
