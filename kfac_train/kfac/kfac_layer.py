@@ -23,13 +23,11 @@ from torch import nn
 
 from .assignment import LayerShape
 from .factors import Factor
+from .grads import PlainGrads, grad_matrix, write_grad_matrix
 from .layers import (
     HandlerOptions,
     LayerHandler,
-    PlainGrads,
-    grad_matrix,
     per_example_scales,
-    write_grad_matrix,
 )
 from .precision import gram_mean
 from .second_order import SecondOrderMethod, make_method

@@ -46,7 +46,7 @@ def write_grad(param: torch.Tensor, full: torch.Tensor) -> None:
 
 
 class ShardedGrads:
-    """The :class:`~kfac_train.kfac.layers.GradAccess` the preconditioner gives its blocks:
+    """The :class:`~kfac_train.kfac.grads.GradAccess` the preconditioner gives its blocks:
     :func:`full_grad` on read, :func:`write_grad` on write (plain tensors pass through)."""
 
     def read(self, param: torch.Tensor) -> torch.Tensor | None:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .factors import Factor
-from .layers import GradAccess, PlainGrads
+from .grads import GradAccess, PlainGrads
 
 #: Elements of one packed symmetric 2×2 block: ``[F_γγ, F_γβ, F_ββ]``.
 BLOCK_ELEMENTS = 3

@@ -17,16 +17,22 @@ PACKAGE = Path(kfac_train.kfac.__file__).parent
 MATH_MODULES = (
     "assignment",
     "batchnorm",
+    "conv_stats",
+    "damping",
     "diagnostics",
     "embedding",
     "factors",
+    "grads",
     "hyperparams",
     "kfac_layer",
     "layernorm",
     "layers",
     "linalg",
     "memory",
+    "memory_model",
+    "precision",
     "second_order",
+    "stale",
     "unit_wise",
 )
 FORBIDDEN = ("hydra", "omegaconf", "torch.distributed", "torch.nn.parallel", "kfac_train")
