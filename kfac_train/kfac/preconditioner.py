@@ -18,7 +18,9 @@ from torch import nn
 
 from . import state as checkpoint
 from .assignment import WorkPlan, plan_work, resolve_grad_worker_fraction
+from .async_inverse import STATE_KEY, AsyncSecondOrder
 from .auto_strategy import auto_grad_worker_fraction
+from .batched import StackedPreconditioner
 from .capture import StatisticsCapture, register_blocks
 from .comm import make_communicator
 from .diagnostics import RateLimitedWarner
@@ -27,6 +29,7 @@ from .layers import HandlerOptions
 from .memory import memory_bytes, summary
 from .placement import broadcast_preconditioned, update_second_order
 from .precision import check_dtypes
+from .precondition_phase import kl_scale, precondition_all
 from .reduction import FactorReduction
 from .second_order import EIGEN
 from .sharded import ShardedGrads
@@ -69,6 +72,8 @@ class KFACPreconditioner:
         assignment_cost: str = "compute",
         overlap_comm: bool = True,
         process_group: dist.ProcessGroup | None = None,
+        async_inverse: bool = False,
+        async_delay: int = 1,
     ) -> None:
         check_choices(
             compute_method=compute_method,
@@ -163,6 +168,12 @@ class KFACPreconditioner:
         self._refresh_factors = self._refresh_second_order = False
         self.capture.collecting = self._factor_update_due(0)
         self.last_kl_scale = torch.ones((), device=self.reduction.dropped.device)
+        self._stacker = StackedPreconditioner()
+        #: ``async_inverse``: second-order data from the factors of inverse-update step t is
+        #: computed off the critical path and installed at step t + async_delay.
+        self.async_ = AsyncSecondOrder(
+            self.blocks, self.plan, self.comm, async_delay, bool(async_inverse)
+        )
 
     @property
     def layer_names(self) -> list[str]:
@@ -200,37 +211,28 @@ class KFACPreconditioner:
         if self.capture.collecting:
             self.reduction.reduce(float(resolve(self.factor_decay, step)), step)
             self._refresh_factors = False
+        self.async_.apply_due(step)
         if self._refresh_second_order or is_due(self.inv_update_steps, step, "inv_update_steps"):
-            self._update_second_order(float(resolve(self.damping, step)))
+            self._update_second_order(float(resolve(self.damping, step)), step)
         grads = {name: block.grad() for name, block in self.blocks.items()}
-        preconditioned = self._precondition(grads)
+        preconditioned = precondition_all(self.blocks, grads, self._holds, self._stacker)
         broadcast_preconditioned(self.plan, self.comm, self._planned, preconditioned)
         self._clip_and_write(preconditioned, grads, step)
         self.steps += 1
         self.capture.collecting = self._factor_update_due(self.steps)
         self.comm.stats.end_step()
 
-    def _update_second_order(self, damping: float) -> None:
+    def _update_second_order(self, damping: float, step: int) -> None:
         self.reduction.warn_dropped()  # inverse-update steps synchronise anyway
-        update_second_order(self.blocks, self.plan, self.comm, damping)
+        if self.async_.enabled and not self._refresh_second_order:
+            self.async_.launch(step, damping)
+        else:  # synchronous; also the refresh after loading a checkpoint without this data
+            update_second_order(self.blocks, self.plan, self.comm, damping)
         self._refresh_second_order = False
 
     def _holds(self, name: str) -> bool:
         """Whether this rank preconditions block ``name`` (a gradient worker, or replicated)."""
         return self.blocks[name].replicated or self.plan.is_grad_worker(name, self.comm.rank)
-
-    def _precondition(self, grads: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, grad in grads.items():
-            block = self.blocks[name]
-            grad = grad if grad is not None else block.zero_grad()
-            if not self._holds(name):
-                out[name] = torch.empty_like(grad)  # received in phase 4
-            elif block.has_second_order():
-                out[name] = block.precondition(grad)
-            else:
-                out[name] = grad.clone()  # no second-order data yet: plain gradient
-        return out
 
     def _clip_and_write(
         self,
@@ -238,22 +240,11 @@ class KFACPreconditioner:
         grads: dict[str, torch.Tensor | None],
         step: int,
     ) -> None:
-        kl_clip = resolve(self.kl_clip, step)
-        present = [name for name, grad in grads.items() if grad is not None]
+        present = {name: grad for name, grad in grads.items() if grad is not None}
         if not present:
             return
-        if kl_clip is None:
-            scale = torch.ones((), dtype=torch.float64, device=self.last_kl_scale.device)
-        else:
-            lr = float(resolve(self.lr, step))
-            terms = [
-                (preconditioned[n].to(torch.float64) * grads[n].to(torch.float64)).sum()
-                for n in present
-            ]
-            vg = torch.stack(terms).sum().abs() * lr**2
-            scale = torch.where(
-                vg > 0, torch.sqrt(kl_clip / vg).clamp(max=1.0), torch.ones_like(vg)
-            )
+        lr, kl_clip = float(resolve(self.lr, step)), resolve(self.kl_clip, step)
+        scale = kl_scale(preconditioned, present, kl_clip, lr, self.last_kl_scale.device)
         self.last_kl_scale = scale
         for name in present:
             V = preconditioned[name]
@@ -263,7 +254,7 @@ class KFACPreconditioner:
     def state_dict(self, include_factors: bool = True) -> dict[str, Any]:
         """Step counter, factors and second-order data, gathered on rank 0 (a collective in
         distributed runs: every rank must call it; only rank 0's result is complete)."""
-        return checkpoint.state_dict(
+        state = checkpoint.state_dict(
             self.blocks,
             self.plan,
             self.comm,
@@ -271,6 +262,9 @@ class KFACPreconditioner:
             compute_method=self.compute_method,
             include_factors=include_factors,
         )
+        if self.async_.pending:
+            state[STATE_KEY] = self.async_.state_dict()  # pending snapshots: see .async_inverse
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (from any world size and strategy)."""
@@ -278,6 +272,7 @@ class KFACPreconditioner:
             self.blocks, self.plan, self.comm, state
         )
         self.steps = steps
+        self.async_.load_state_dict(state.get(STATE_KEY, []))
         self._refresh_factors |= refresh_factors
         self._refresh_second_order |= refresh_second_order
         self.capture.collecting = self._factor_update_due(self.steps)
