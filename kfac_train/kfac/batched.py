@@ -79,6 +79,10 @@ def decompose_all(kind: str, requests: Sequence[Request]) -> list[Any]:
     for (n, dtype, device), members in groups.items():
         stack = torch.stack([requests[i][0].to(dtype) for i in members])
         ok = _sum_is_finite(stack)
+        # A non-finite factor would spoil (or raise for) its whole batch: it is decomposed as
+        # the identity instead, and its verdict already says "take the per-factor path".
+        eye = torch.eye(n, dtype=dtype, device=device)
+        stack = torch.where(ok[:, None, None], stack, eye)
         try:
             if kind == EIGH:
                 d, q = torch.linalg.eigh(stack)
@@ -87,7 +91,6 @@ def decompose_all(kind: str, requests: Sequence[Request]) -> list[Any]:
             else:
                 lams = [requests[i][1] for i in members]
                 lam = torch.stack([torch.as_tensor(x, dtype=dtype, device=device) for x in lams])
-                eye = torch.eye(n, dtype=dtype, device=device)
                 inv = torch.linalg.inv(stack + lam[:, None, None] * eye)
                 ok = ok & _sum_is_finite(inv)
                 out = inv

@@ -124,6 +124,8 @@ def build_preconditioner(
             colocate_factors=strategy.colocate_factors,
             assignment_cost=strategy.assignment_cost,
             overlap_comm=strategy.overlap_comm,
+            async_inverse=kfac.async_inverse,
+            async_delay=kfac.async_delay,
         )
     except MemoryBudgetError as error:
         raise UserError(
