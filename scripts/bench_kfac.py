@@ -80,6 +80,7 @@ class Configuration:
     name: str
     compute_method: str | None  # None: plain SGD
     intervals: tuple[int, int] = (1, 1)
+    async_inverse: bool = False
 
 
 @dataclass
@@ -124,6 +125,15 @@ def configurations() -> list[Configuration]:
     return configs
 
 
+def async_configurations() -> list[Configuration]:
+    """``--async``: the (10, 100) configurations again with ``async_inverse=True`` (the
+    second-order update of step t computed on a worker thread, installed at step t + 1)."""
+    return [
+        Configuration(f"{method} 10/100 async", method, INTERVALS["10/100"], async_inverse=True)
+        for method in ("eigen", "inverse")
+    ]
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -151,6 +161,12 @@ def parse_args() -> argparse.Namespace:
         choices=("patches", "spatial_mean"),
         default="patches",
         help="K-FAC conv input factor: exact patches or Ba et al.'s spatial mean",
+    )
+    parser.add_argument(
+        "--async",
+        dest="async_inverse",
+        action="store_true",
+        help="add (10, 100) configurations with async_inverse=True (see async_configurations)",
     )
     parser.add_argument(
         "--profile-steps", type=int, default=20, help="steps (after warm-up) under --profile"
@@ -218,6 +234,7 @@ class Runner:
                 factor_update_steps=factor_every,
                 inv_update_steps=inverse_every,
                 compute_method=config.compute_method,
+                **({"async_inverse": True} if config.async_inverse else {}),
                 **KFAC_HYPERPARAMETERS,
             )
         generator = torch.Generator().manual_seed(1)
@@ -358,7 +375,8 @@ def main() -> None:
     for model_name in args.models:
         workload = WORKLOADS[model_name]
         runners = []
-        for config in configurations():
+        extra = async_configurations() if args.async_inverse else []
+        for config in configurations() + extra:
             dense = config.compute_method is not None and config.intervals == (1, 1)
             num_steps = args.dense_steps if dense else args.steps
             runners.append(Runner(workload, config, num_steps, args.warmup, device))
@@ -367,7 +385,7 @@ def main() -> None:
         print(format_results(results))
         print("phases (median ms):")
         for result in results:
-            if result.configuration.intervals == INTERVALS["10/100"]:
+            if result.configuration.compute_method is not None:
                 print(format_phases(result))
 
 
