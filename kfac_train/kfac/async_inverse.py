@@ -74,7 +74,7 @@ class AsyncSecondOrder:
             torch.set_num_threads(threads)
             if event is None:
                 return decompose_owned(self.blocks, self.plan, self.comm.rank, factors, damping)
-            with torch.cuda.stream(self._stream):
+            with torch.cuda.device(device), torch.cuda.stream(self._stream):
                 self._stream.wait_event(event)
                 out = decompose_owned(self.blocks, self.plan, self.comm.rank, factors, damping)
             done = torch.cuda.Event()
