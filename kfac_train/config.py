@@ -241,6 +241,8 @@ class ScheduleConfig:
 class KFACConfig:
     """K-FAC hyperparameters (used when ``optim.preconditioner=kfac``); see docs/kfac.md.
 
+    `async_inverse`: second-order data computed off the critical path from the factors of an
+    inverse-update step and installed `async_delay` steps later (reproducible, resumable).
     `damping_milestones` (in `schedule.unit`) multiply the damping by `damping_gamma` at each
     milestone; `interval_milestones` multiply both update intervals by `interval_factor`.
     Dtypes are names of torch dtypes (`DTYPES`). `inv_update_steps` must be a multiple of
@@ -286,6 +288,8 @@ class KFACConfig:
     damping_adapt_decay: float = within(0.95, OPEN_UNIT_INTERVAL)
     min_damping: float = within(1e-8, POSITIVE)
     max_damping: float = within(100.0, POSITIVE)
+    async_inverse: bool = False
+    async_delay: int = within(1, AT_LEAST_ONE)
 
 
 @dataclass

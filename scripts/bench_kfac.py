@@ -93,6 +93,7 @@ class Configuration:
     compute_method: str | None  # None: plain SGD
     intervals: tuple[int, int] = (1, 1)
     patch_matrix: bool = False  # Conv2d input factor from the materialised patch matrix
+    async_inverse: bool = False
 
 
 class PatchMatrixConv2d(Conv2dHandler):
@@ -186,6 +187,27 @@ def patch_matrix_configurations() -> list[Configuration]:
     ]
 
 
+def async_configurations() -> list[Configuration]:
+    """``--async``: the (10, 100) configurations again with ``async_inverse=True`` (the
+    second-order update of step t computed on a worker thread, installed at step t + 1)."""
+    return [
+        Configuration(f"{method} 10/100 async", method, INTERVALS["10/100"], async_inverse=True)
+        for method in ("eigen", "inverse")
+    ]
+
+
+#: The step after an asynchronous second-order update: it installs the data, waiting for the
+#: worker if it is not done, so it is timed as a kind of its own (else the plain steps' median
+#: would hide the wait from the amortised figure).
+ASYNC_APPLY = "async install"
+
+
+def _async_step_kind(step: int, config: Configuration) -> str:
+    if config.async_inverse and step % config.intervals[1] == 1:
+        return ASYNC_APPLY
+    return _step_kind(step, config.intervals)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -223,6 +245,12 @@ def parse_args() -> argparse.Namespace:
         "--patch-matrix",
         action="store_true",
         help="add (10, 100) configurations whose Conv2d factor uses the full patch matrix",
+    )
+    parser.add_argument(
+        "--async",
+        dest="async_inverse",
+        action="store_true",
+        help="add (10, 100) configurations with async_inverse=True (see async_configurations)",
     )
     parser.add_argument(
         "--profile-steps", type=int, default=20, help="steps (after warm-up) under --profile"
@@ -290,6 +318,7 @@ class Runner:
                 factor_update_steps=factor_every,
                 inv_update_steps=inverse_every,
                 compute_method=config.compute_method,
+                **({"async_inverse": True} if config.async_inverse else {}),
                 **KFAC_HYPERPARAMETERS,
             )
             if config.patch_matrix:
@@ -318,7 +347,7 @@ class Runner:
     def step(self) -> None:
         """One training step on alternating synthetic batches, timed by phase."""
         inputs, labels = self.batches[self.steps_done % 2]
-        kind = _step_kind(self.steps_done, self.config.intervals)
+        kind = _async_step_kind(self.steps_done, self.config)
         autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if self.autocast
@@ -393,7 +422,7 @@ def format_phases(result: Result) -> str:
         f"{phase:>16}" for phase in PHASES
     )
     rows = [header]
-    for kind in ("plain", "factor update", "second-order update"):
+    for kind in ("plain", "factor update", "second-order update", ASYNC_APPLY):
         if kind not in result.phases:
             continue
         times = result.phases[kind]
@@ -457,6 +486,7 @@ def main() -> None:
         workload = WORKLOADS[model_name]
         runners = []
         extra = patch_matrix_configurations() if args.patch_matrix else []
+        extra += async_configurations() if args.async_inverse else []
         for config in configurations() + extra:
             dense = config.compute_method is not None and config.intervals == (1, 1)
             num_steps = args.dense_steps if dense else args.steps
@@ -472,7 +502,7 @@ def main() -> None:
             print(format_memory(results))
         print("phases (median ms):")
         for result in results:
-            if result.configuration.intervals == INTERVALS["10/100"]:
+            if result.configuration.compute_method is not None:
                 print(format_phases(result))
 
 

@@ -1,4 +1,4 @@
-"""Update-size controls: KL clipping (:func:`kl_clip_scale`), damping diagnostics, and
+"""Update-size controls: damping diagnostics and
 Levenberg–Marquardt adaptive damping (Martens & Grosse 2015, §6.5).
 
 * :func:`warn_if_swamped` — called where second-order data is computed (the eigenvalues or the
@@ -174,21 +174,6 @@ class DampingController:
             self.damping /= self.options.omega
         self.damping = min(max(self.damping, self.options.min_damping), self.options.max_damping)
         return self.damping
-
-
-def kl_clip_scale(
-    pairs: list[tuple[torch.Tensor, torch.Tensor]],
-    kl_clip: float | None,
-    lr: float,
-    device: torch.device,
-) -> torch.Tensor:
-    """KL clipping: ``ν = min(1, sqrt(κ / |Σ lr²⟨V, ∇⟩|))`` over ``(V, ∇)`` pairs, as a 0-d
-    float64 tensor on the device (no host sync); ``ν = 1`` when the sum is 0 or ``κ`` is None."""
-    if kl_clip is None:
-        return torch.ones((), dtype=torch.float64, device=device)
-    terms = [(V.to(torch.float64) * grad.to(torch.float64)).sum() for V, grad in pairs]
-    vg = torch.stack(terms).sum().abs() * lr**2
-    return torch.where(vg > 0, torch.sqrt(kl_clip / vg).clamp(max=1.0), torch.ones_like(vg))
 
 
 def make_controller(options: AdaptiveDamping | None, initial: float) -> DampingController | None:

@@ -1,9 +1,5 @@
-"""``KFACPreconditioner``: the constructor, the step's phases and reporting.
-
-Where the rest lives: registration and hooks in :mod:`.capture`, factor reduction in
-:mod:`.reduction` (buckets in :mod:`.bucketing`), the second-order methods in
-:mod:`.second_order`, the work plan in :mod:`.assignment`, checkpoints in :mod:`.state`.
-"""
+"""``KFACPreconditioner``: the constructor, the step's phases and reporting (the phases' own
+modules: capture, reduction, placement, precondition_phase, state; map in docs/kfac.md)."""
 
 from __future__ import annotations
 
@@ -17,16 +13,19 @@ from torch import nn
 
 from . import state as checkpoint
 from .assignment import WorkPlan, plan_work, resolve_grad_worker_fraction
+from .async_inverse import STATE_KEY, AsyncSecondOrder
 from .auto_strategy import auto_grad_worker_fraction
+from .batched import StackedPreconditioner
 from .capture import StatisticsCapture, register_blocks
 from .comm import make_communicator
-from .damping import AdaptiveDamping, DampingMixin, kl_clip_scale, make_controller
+from .damping import AdaptiveDamping, DampingMixin, make_controller
 from .diagnostics import RateLimitedWarner
 from .hyperparams import DEFAULT_DAMPING, Scheduled, check_choices, is_due, resolve
 from .layers import HandlerOptions
 from .memory import memory_bytes, summary
 from .placement import broadcast_preconditioned, update_second_order
 from .precision import check_dtypes
+from .precondition_phase import kl_scale, precondition_all
 from .reduction import FactorReduction
 from .second_order import EIGEN
 from .sharded import ShardedGrads
@@ -75,6 +74,8 @@ class KFACPreconditioner(DampingMixin):
         stale_threshold: float = DEFAULT_THRESHOLD,
         process_group: dist.ProcessGroup | None = None,
         adaptive_damping: AdaptiveDamping | None = None,
+        async_inverse: bool = False,
+        async_delay: int = 1,
     ) -> None:
         check_choices(
             compute_method=compute_method,
@@ -172,6 +173,11 @@ class KFACPreconditioner(DampingMixin):
         self._arm()
         self.last_kl_scale = torch.ones((), device=self.reduction.dropped.device)
         self.adaptive = make_controller(adaptive_damping, resolve(damping, 0))  # or None
+        self._stacker = StackedPreconditioner()
+        #: async_inverse: data of inverse-update step t computed aside, installed at t + delay
+        self.async_ = AsyncSecondOrder(
+            self.blocks, self.plan, self.comm, async_delay, async_inverse
+        )
 
     @property
     def layer_names(self) -> list[str]:
@@ -203,10 +209,11 @@ class KFACPreconditioner(DampingMixin):
         if self.capture.collecting:
             self.reduction.reduce(float(resolve(self.factor_decay, step)), step)
             self._refresh_factors = False
+        self.async_.apply_due(step)
         if self._refresh_second_order or is_due(self.inv_update_steps, step, "inv_update_steps"):
-            self._update_second_order(self.current_damping(step))
+            self._update_second_order(self.current_damping(step), step)
         grads = {name: block.grad() for name, block in self.blocks.items()}
-        preconditioned = self._precondition(grads)
+        preconditioned = precondition_all(self.blocks, grads, self._holds, self._stacker)
         broadcast_preconditioned(self.plan, self.comm, self._planned, preconditioned)
         self._clip_and_write(preconditioned, grads, step)
         self._record_quadratic_model(step, grads, preconditioned)
@@ -214,27 +221,17 @@ class KFACPreconditioner(DampingMixin):
         self._arm()
         self.comm.stats.end_step()
 
-    def _update_second_order(self, damping: float) -> None:
+    def _update_second_order(self, damping: float, step: int) -> None:
         self.reduction.warn_dropped()  # inverse-update steps synchronise anyway
-        update_second_order(self.blocks, self.plan, self.comm, damping)
+        if self.async_.enabled and not self._refresh_second_order:
+            self.async_.launch(step, damping)
+        else:  # synchronous; also the refresh after loading a checkpoint without this data
+            update_second_order(self.blocks, self.plan, self.comm, damping)
         self._refresh_second_order = False
 
     def _holds(self, name: str) -> bool:
         """Whether this rank preconditions block ``name`` (a gradient worker, or replicated)."""
         return self.blocks[name].replicated or self.plan.is_grad_worker(name, self.comm.rank)
-
-    def _precondition(self, grads: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, grad in grads.items():
-            block = self.blocks[name]
-            grad = grad if grad is not None else block.zero_grad()
-            if not self._holds(name):
-                out[name] = torch.empty_like(grad)  # received in phase 4
-            elif block.has_second_order():
-                out[name] = block.precondition(grad)
-            else:
-                out[name] = grad.clone()  # no second-order data yet: plain gradient
-        return out
 
     def _clip_and_write(
         self,
@@ -242,13 +239,12 @@ class KFACPreconditioner(DampingMixin):
         grads: dict[str, torch.Tensor | None],
         step: int,
     ) -> None:
-        kl_clip = resolve(self.kl_clip, step)
-        present = [name for name, grad in grads.items() if grad is not None]
+        present = {name: grad for name, grad in grads.items() if grad is not None}
         if not present:
             return
-        pairs = [(preconditioned[n], grads[n]) for n in present]
-        lr = float(resolve(self.lr, step)) if kl_clip is not None else 0.0
-        self.last_kl_scale = scale = kl_clip_scale(pairs, kl_clip, lr, self.last_kl_scale.device)
+        lr, kl_clip = float(resolve(self.lr, step)), resolve(self.kl_clip, step)
+        scale = kl_scale(preconditioned, present, kl_clip, lr, self.last_kl_scale.device)
+        self.last_kl_scale = scale
         for name in present:
             V = preconditioned[name]
             self.blocks[name].write_grad(V * scale.to(V.dtype))
@@ -257,7 +253,7 @@ class KFACPreconditioner(DampingMixin):
     def state_dict(self, include_factors: bool = True) -> dict[str, Any]:
         """Step counter, factors and second-order data, gathered on rank 0 (a collective in
         distributed runs: every rank must call it; only rank 0's result is complete)."""
-        return (
+        state = (
             checkpoint.state_dict(
                 self.blocks,
                 self.plan,
@@ -269,6 +265,9 @@ class KFACPreconditioner(DampingMixin):
             )
             | self._damping_state()
         )
+        if self.async_.pending:
+            state[STATE_KEY] = self.async_.state_dict()  # pending snapshots: see .async_inverse
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (from any world size and strategy)."""
@@ -277,6 +276,7 @@ class KFACPreconditioner(DampingMixin):
         )
         self.steps = steps
         self._load_damping_state(state)
+        self.async_.load_state_dict(state.get(STATE_KEY, []))
         self._refresh_factors |= refresh_factors
         self._refresh_second_order |= refresh_second_order
         self._arm()

@@ -30,6 +30,9 @@ INVERSE = "inverse"
 COMPUTE_METHODS = (EIGEN, INVERSE)
 
 Parts = dict[str, list[torch.Tensor]]
+#: Results of :func:`.batched.decompose_all` by factor (``"A"``/``"G"``); a missing or ``None``
+#: entry is computed here by the per-factor path of :mod:`.linalg`.
+Ready = dict[str, object] | None
 
 
 class SecondOrderMethod:
@@ -84,10 +87,8 @@ class SecondOrderMethod:
         self.tensors = [self._cast(t) for t in tensors]
 
     def _cast(self, data: torch.Tensor) -> torch.Tensor:
-        """Data computed in float32 or better, cast to ``inv_dtype`` and clamped to its finite
-        range: ``1/(d_G d_Aᵀ + λ)`` and ``(F + λI)⁻¹`` reach ``1/λ``, beyond float16's 65504
-        when ``λ < 1.53e-5``. Warns (rate-limited) when it clamps; checking costs a host sync
-        only for dtypes narrower than the data's (:func:`precision.exceeds_range`)."""
+        """Cast to ``inv_dtype``, clamped to its finite range (``1/λ`` exceeds float16's 65504
+        when ``λ < 1.53e-5``); warns when it clamps (:func:`precision.exceeds_range`)."""
         if precision.exceeds_range(data, self.dtype):
             limit = torch.finfo(self.dtype).max
             self.warner.warn(
@@ -121,7 +122,11 @@ class SecondOrderMethod:
         )
 
     # ------------------------------------------------------------------ compute
-    def compute(self, A: torch.Tensor, G: torch.Tensor, damping: float) -> None:
+    def requests(self, whiches, A, G, damping) -> list[tuple[torch.Tensor, object]]:
+        """The decompositions factors ``whiches`` need, for :func:`.batched.decompose_all`."""
+        return [(A if which == "A" else G, None) for which in whiches]
+
+    def compute(self, A: torch.Tensor, G: torch.Tensor, damping: float, ready: Ready = None):
         """Colocated update from the running factors ``A`` and ``G``."""
         raise NotImplementedError
 
@@ -162,10 +167,14 @@ class EigenMethod(SecondOrderMethod):
         split = linalg.pi_split(A, G, damping) if self.factored_damping else None
         return linalg.eigen_reciprocal(d_G, d_A, damping, split)
 
-    def compute(self, A: torch.Tensor, G: torch.Tensor, damping: float) -> None:
+    def _eigh(self, which: str, factor: torch.Tensor, ready: Ready):
+        done = (ready or {}).get(which)
+        return done if done is not None else linalg.eigh(factor, self._on_retry(which))
+
+    def compute(self, A: torch.Tensor, G: torch.Tensor, damping: float, ready: Ready = None):
         try:
-            d_A, Q_A = linalg.eigh(A, self._on_retry("A"))
-            d_G, Q_G = linalg.eigh(G, self._on_retry("G"))
+            d_A, Q_A = self._eigh("A", A, ready)
+            d_G, Q_G = self._eigh("G", G, ready)
         except linalg.DecompositionError as err:
             self._fallback("eigendecomposition", err, self.has_data())
             if not self.has_data():
@@ -177,12 +186,12 @@ class EigenMethod(SecondOrderMethod):
     def _part_dtype(self, factor: torch.Tensor) -> torch.dtype:
         return torch.float64 if factor.dtype == torch.float64 else torch.float32
 
-    def factor_part(self, which, A, G, damping) -> list[torch.Tensor]:
+    def factor_part(self, which, A, G, damping, ready: Ready = None) -> list[torch.Tensor]:
         """``[Q, d]`` of one factor; a failure is sent as NaN eigenvalues, which makes every rank
         keep its previous data in :meth:`finish_parts`."""
         factor = A if which == "A" else G
         try:
-            d, Q = linalg.eigh(factor, self._on_retry(which))
+            d, Q = self._eigh(which, factor, ready)
         except linalg.DecompositionError as err:
             self._fallback(f"eigendecomposition of factor {which}", err, self.has_data())
             n, dtype = factor.shape[0], self._part_dtype(factor)
@@ -192,10 +201,8 @@ class EigenMethod(SecondOrderMethod):
 
     def part_buffers(self, which: str, A: torch.Tensor, G: torch.Tensor) -> list[torch.Tensor]:
         n, dtype = (self.a, self._part_dtype(A)) if which == "A" else (self.g, self._part_dtype(G))
-        return [
-            torch.empty(n, n, dtype=dtype, device=self.device),
-            torch.empty(n, dtype=dtype, device=self.device),
-        ]
+        kw = {"dtype": dtype, "device": self.device}
+        return [torch.empty(n, n, **kw), torch.empty(n, **kw)]
 
     def finish_parts(self, parts: Parts, A: torch.Tensor, G: torch.Tensor, damping: float):
         (Q_A, d_A), (Q_G, d_G) = parts["A"], parts["G"]
@@ -232,9 +239,16 @@ class InverseMethod(SecondOrderMethod):
         lam_A, lam_G = linalg.pi_split(A, G, damping)
         return {"A": lam_A, "G": lam_G}
 
-    def _inverse(self, which: str, factor: torch.Tensor, lam) -> torch.Tensor:
+    def requests(self, whiches, A, G, damping) -> list[tuple[torch.Tensor, object]]:
+        lam = self._dampings(A, G, damping)
+        return [(A if which == "A" else G, lam[which]) for which in whiches]
+
+    def _inverse(self, which: str, factor: torch.Tensor, lam, ready: Ready) -> torch.Tensor:
         index = 0 if which == "A" else 1
         previous = None if self.tensors is None else self.tensors[index]
+        done = (ready or {}).get(which)
+        if done is not None:
+            return self._cast(done)
         try:
             inverse = linalg.damped_inverse(factor, lam, self._on_retry(which))
             return self._cast(inverse)
@@ -242,16 +256,17 @@ class InverseMethod(SecondOrderMethod):
             self._fallback(f"inverse of factor {which}", err, previous is not None)
             return previous if previous is not None else self.identity()[index]
 
-    def compute(self, A: torch.Tensor, G: torch.Tensor, damping: float) -> None:
+    def compute(self, A: torch.Tensor, G: torch.Tensor, damping: float, ready: Ready = None):
         norms = [torch.linalg.matrix_norm(F.double()) for F in (A, G)]  # ≥ the largest eigenvalue
         warn_if_swamped(self.warner, self.layer, damping, *norms, bound="‖A‖_F·‖G‖_F")
         lam = self._dampings(A, G, damping)
-        self.tensors = [self._inverse("A", A, lam["A"]), self._inverse("G", G, lam["G"])]
+        inverses = [self._inverse(w, f, lam[w], ready) for w, f in (("A", A), ("G", G))]
+        self.tensors = inverses
 
-    def factor_part(self, which, A, G, damping) -> list[torch.Tensor]:
+    def factor_part(self, which, A, G, damping, ready: Ready = None) -> list[torch.Tensor]:
         index = 0 if which == "A" else 1
         lam = self._dampings(A, G, damping)[which]
-        inverse = self._inverse(which, A if which == "A" else G, lam)
+        inverse = self._inverse(which, A if which == "A" else G, lam, ready)
         self.buffers()[index] = inverse
         return [inverse]
 
@@ -280,12 +295,5 @@ def make_method(
     return classes[method](layer, a, g, dtype, device, warner, factored_damping)
 
 
-__all__ = [
-    "COMPUTE_METHODS",
-    "EIGEN",
-    "INVERSE",
-    "EigenMethod",
-    "InverseMethod",
-    "SecondOrderMethod",
-    "make_method",
-]
+__all__ = ["COMPUTE_METHODS", "EIGEN", "INVERSE", "EigenMethod", "InverseMethod"]
+__all__ += ["SecondOrderMethod", "make_method"]

@@ -146,6 +146,8 @@ def build_preconditioner(
             )
             if kfac.adaptive_damping
             else None,
+            async_inverse=kfac.async_inverse,
+            async_delay=kfac.async_delay,
         )
     except MemoryBudgetError as error:
         raise UserError(

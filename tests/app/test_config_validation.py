@@ -44,6 +44,7 @@ CLI_CASES: dict[str, tuple[list[str], str]] = {
         "kfac.damping_milestones",
     ),
     "zero_interval_factor": (["kfac.interval_factor=0"], "kfac.interval_factor"),
+    "zero_async_delay": (["kfac.async_delay=0"], "kfac.async_delay"),
     "grad_worker_fraction_above_one": (
         ["strategy.grad_worker_fraction=1.5"],
         "strategy.grad_worker_fraction",
