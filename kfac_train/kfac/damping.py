@@ -43,21 +43,32 @@ def warn_if_swamped(
     top_G: torch.Tensor,
     bound: str = "max eig(A)·max eig(G)",
 ) -> None:
-    """Warn when ``damping > SWAMP_RATIO · top_A · top_G`` (reads one scalar: a host sync, done
-    on second-order update steps only). ``top_*`` are the factors' largest eigenvalues, or an
-    upper bound of them (``bound`` names it)."""
-    curvature = float((top_A.double() * top_G.double()).item())
-    if not damping > SWAMP_RATIO * curvature:
+    """Queue the check ``damping > SWAMP_RATIO · top_A · top_G`` on the device (no host sync);
+    :func:`report_swamped` reads every queued check with one sync per second-order update.
+    ``top_*`` are the factors' largest eigenvalues, or an upper bound of them (``bound``)."""
+    curvature = (top_A.double() * top_G.double()).reshape(())
+    warner.pending.append((layer, damping, curvature, bound))
+
+
+def report_swamped(warner: RateLimitedWarner) -> None:
+    """Warn (rate-limited, per layer) for each queued check whose curvature the damping swamps:
+    one host read for all layers."""
+    pending, warner.pending = warner.pending, []
+    if not pending:
         return
-    ratio = damping / curvature if curvature > 0 else math.inf
-    warner.warn(
-        "swamped curvature",
-        layer,
-        f"layer {layer!r}: damping={damping:g} swamps the curvature: it is {ratio:.3g}x "
-        f"{bound} = {curvature:.3g} (more than {SWAMP_RATIO:g}x), so this layer's update is "
-        "about gradient/damping; use grad_scaling='per_example' (the default) or a smaller "
-        "damping",
-    )
+    curvatures = torch.stack([c.to(pending[0][2].device) for _, _, c, _ in pending]).tolist()
+    for (layer, damping, _, bound), curvature in zip(pending, curvatures, strict=True):
+        if not damping > SWAMP_RATIO * curvature:
+            continue
+        ratio = damping / curvature if curvature > 0 else math.inf
+        warner.warn(
+            "swamped curvature",
+            layer,
+            f"layer {layer!r}: damping={damping:g} swamps the curvature: it is {ratio:.3g}x "
+            f"{bound} = {curvature:.3g} (more than {SWAMP_RATIO:g}x), so this layer's update is "
+            "about gradient/damping; use grad_scaling='per_example' (the default) or a smaller "
+            "damping",
+        )
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ class RateLimitedWarner:
             raise ValueError(f"every must be >= 1, got {every}")
         self.every = every
         self.counts: Counter[tuple[str, str]] = Counter()
+        #: Checks queued on the device, read together later (``damping.report_swamped``).
+        self.pending: list = []
 
     def warn(self, event: str, layer: str, message: str) -> bool:
         """Count one ``event`` of ``layer``; warn with ``message`` when it is due (returns

@@ -57,10 +57,14 @@ class DiagonalEigenMethod(EigenMethod):
             raise linalg.DecompositionError("factor contains inf/NaN")
         return A.to(_decomposition_dtype(A)).clamp_min(0.0)
 
-    def compute(self, A: torch.Tensor, G: torch.Tensor, damping: float) -> None:
+    def requests(self, whiches, A, G, damping) -> list[tuple[torch.Tensor, object] | None]:
+        """Only ``G`` is decomposed; ``A``'s eigenvalues are its diagonal."""
+        return [(G, None) if which == "G" else None for which in whiches]
+
+    def compute(self, A: torch.Tensor, G: torch.Tensor, damping: float, ready=None) -> None:
         try:
             d_A = self._diagonal(A)
-            d_G, Q_G = linalg.eigh(G, self._on_retry("G"))
+            d_G, Q_G = self._eigh("G", G, ready)
         except linalg.DecompositionError as err:
             self._fallback("eigendecomposition", err, self.has_data())
             if not self.has_data():
@@ -68,11 +72,11 @@ class DiagonalEigenMethod(EigenMethod):
             return
         self._store([Q_G, self._recip(d_A, d_G, A, G, damping)])
 
-    def factor_part(self, which, A, G, damping) -> list[torch.Tensor]:
+    def factor_part(self, which, A, G, damping, ready=None) -> list[torch.Tensor]:
         """``[d_A]`` for ``A`` (NaN when not finite: every rank then keeps its data), ``[Q_G,
         d_G]`` for ``G``."""
         if which == "G":
-            return super().factor_part(which, A, G, damping)
+            return super().factor_part(which, A, G, damping, ready)
         try:
             return [self._diagonal(A)]
         except linalg.DecompositionError as err:
@@ -111,9 +115,15 @@ class DiagonalInverseMethod(InverseMethod):
         kw = {"dtype": self.dtype, "device": self.device}
         return [torch.ones(self.a, **kw), torch.eye(self.g, **kw)]
 
-    def _inverse(self, which: str, factor: torch.Tensor, lam) -> torch.Tensor:
+    def requests(self, whiches, A, G, damping) -> list[tuple[torch.Tensor, object] | None]:
+        """Only ``G`` is inverted by :func:`.batched.decompose_all`; ``A``'s inverse is
+        elementwise."""
+        lam = self._dampings(A, G, damping)
+        return [(G, lam["G"]) if which == "G" else None for which in whiches]
+
+    def _inverse(self, which: str, factor: torch.Tensor, lam, ready=None) -> torch.Tensor:
         if which == "G":
-            return super()._inverse(which, factor, lam)
+            return super()._inverse(which, factor, lam, ready)
         inverse = 1.0 / (factor.to(_decomposition_dtype(factor)) + lam)
         if bool(torch.isfinite(inverse).all()):
             return self._cast(inverse)

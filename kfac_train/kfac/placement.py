@@ -42,7 +42,9 @@ def decompose_owned(
         requests = block.method.requests(owned, *factors[name], damping)
         kind = batched.EIGH if block.method.name == "eigen" else batched.INVERSE
         jobs.setdefault(kind, []).extend(
-            (name, which, request) for which, request in zip(owned, requests, strict=True)
+            (name, which, request)
+            for which, request in zip(owned, requests, strict=True)
+            if request is not None  # None: nothing to decompose (a diagonal factor)
         )
     out: Decomposed = {}
     for kind, items in jobs.items():

@@ -18,7 +18,7 @@ from .auto_strategy import auto_grad_worker_fraction
 from .batched import StackedPreconditioner
 from .capture import StatisticsCapture, register_blocks
 from .comm import make_communicator
-from .damping import AdaptiveDamping, DampingMixin, make_controller
+from .damping import AdaptiveDamping, DampingMixin, make_controller, report_swamped
 from .diagnostics import RateLimitedWarner
 from .hyperparams import DEFAULT_DAMPING, Scheduled, check_choices, is_due, resolve
 from .layers import HandlerOptions
@@ -227,6 +227,7 @@ class KFACPreconditioner(DampingMixin):
             self.async_.launch(step, damping)
         else:  # synchronous; also the refresh after loading a checkpoint without this data
             update_second_order(self.blocks, self.plan, self.comm, damping)
+        report_swamped(self.warner)  # one read for all layers (async: the last install's)
         self._refresh_second_order = False
 
     def _holds(self, name: str) -> bool:

@@ -257,7 +257,7 @@ class InverseMethod(SecondOrderMethod):
             return previous if previous is not None else self.identity()[index]
 
     def compute(self, A: torch.Tensor, G: torch.Tensor, damping: float, ready: Ready = None):
-        norms = [torch.linalg.matrix_norm(F.double()) for F in (A, G)]  # ≥ the largest eigenvalue
+        norms = [torch.linalg.norm(F.double()) for F in (A, G)]  # ≥ the largest eigenvalue
         warn_if_swamped(self.warner, self.layer, damping, *norms, bound="‖A‖_F·‖G‖_F")
         lam = self._dampings(A, G, damping)
         inverses = [self._inverse(w, f, lam[w], ready) for w, f in (("A", A), ("G", G))]
