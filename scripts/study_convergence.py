@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -146,7 +147,7 @@ STUDIES: dict[str, Study] = {
         arms=(
             Arm(
                 "kfac_pe",
-                (*_BERT_KFAC, "kfac.grad_scaling=per_example", "kfac.damping=0.0001"),
+                (*_BERT_KFAC, "kfac.grad_scaling=per_example", "kfac.damping=0.001"),
                 (0.01, 0.02),
                 kfac=True,
             ),
@@ -221,11 +222,26 @@ def command_of(
     ]
 
 
+def finished(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that ended normally (completed or reached the target)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return summary.get("status") in ("completed", "target_reached")
+
+
 def run_one(command: list[str], run_dir: Path) -> str:
-    """Run one ``train.py`` process unless its summary exists; returns an error text or ""."""
-    if (run_dir / "summary.json").is_file():
+    """Run one ``train.py`` process unless it finished before; returns an error text or "".
+
+    A run directory left by an interrupted run (no summary, or a preempted/failed one) is
+    cleared and the run starts again from step 0, so every run of a study is one whole run.
+    """
+    if finished(run_dir):
         return ""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
     with open(run_dir.parent / f"{run_dir.name}.out", "w", encoding="utf-8") as log:
         done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
@@ -362,7 +378,7 @@ def run_study(
             run_dir = run_dir_of(out, arm.name, lr, seed)
             command = command_of(study, arm, lr, seed, run_dir, quick)
             if report_only:
-                missing = not (run_dir / "summary.json").is_file()
+                missing = not finished(run_dir)
                 future = pool.submit(lambda m=missing: "not run (--report-only)" if m else "")
             else:
                 future = pool.submit(run_one, command, run_dir)

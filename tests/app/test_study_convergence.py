@@ -132,3 +132,17 @@ def test_arm_that_never_reaches_the_target_has_no_step_ratio() -> None:
     assert arms[0].steps is None and arms[0].steps_ratio is None
     assert arms[0].final_ratio == pytest.approx(0.85 / 0.95)
     assert (arms[1].best_lr, arms[1].steps_ratio, arms[1].time_ratio) == (0.01, 1.0, 1.0)
+
+
+def test_study_kfac_arms_and_recipes_state_their_gradient_scaling() -> None:
+    """K-FAC arms and the recipes the study compares with name the convention they were tuned
+    with, so a change of the library's default does not change what they mean."""
+    import yaml
+
+    for preset in study.STUDIES.values():
+        for arm in preset.arms:
+            if arm.kfac:
+                assert any(o.startswith("kfac.grad_scaling=") for o in arm.overrides), arm.name
+    for name in ("small_cnn_64_kfac", "bert_tiny_32_kfac"):
+        recipe = yaml.safe_load((REPO / "conf/recipe_optim" / f"{name}.yaml").read_text())
+        assert recipe["kfac"]["grad_scaling"] in ("mean", "per_example"), name
