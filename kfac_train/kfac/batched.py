@@ -91,8 +91,13 @@ def decompose_all(kind: str, requests: Sequence[Request]) -> list[Any]:
             else:
                 lams = [requests[i][1] for i in members]
                 lam = torch.stack([torch.as_tensor(x, dtype=dtype, device=device) for x in lams])
-                inv = torch.linalg.inv(stack + lam[:, None, None] * eye)
-                ok = ok & _sum_is_finite(inv)
+                # Cholesky, not LU: the damped factors are SPD, it is half the work, and this
+                # torch build's batched float32 LU on CPU fails (MKL SLASWP) for n >~ 512 with
+                # several threads. A factor that is not positive definite (info > 0) takes the
+                # per-factor path (float64 with jitter).
+                chol, info = torch.linalg.cholesky_ex(stack + lam[:, None, None] * eye)
+                inv = torch.cholesky_inverse(chol)
+                ok = ok & (info == 0) & _sum_is_finite(inv)
                 out = inv
         except (RuntimeError, torch.linalg.LinAlgError):
             continue  # the whole group takes the per-factor path

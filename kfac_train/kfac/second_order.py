@@ -10,14 +10,14 @@ use the same object:
   ``"A"``, the owner of ``G`` for ``"G"``; the parts are broadcast to every rank (receivers use
   :meth:`part_buffers`) and every rank runs :meth:`finish_parts`.
 
-Failures (see ``docs/kfac.md``): a float64 retry that succeeds is reported (rate-limited); a
-failed retry keeps the previous second-order data — the same on every rank, in every placement —
-or, when there is none yet, the identity, which leaves the gradient unpreconditioned.
-
+Failures (``docs/kfac.md``): a float64 retry is reported (rate-limited); a failed one keeps the
+previous data (the same on every rank and placement) or else the identity (plain gradient).
 Shapes: ``A`` is ``(a, a)``, ``G`` is ``(g, g)``, a gradient is ``(g, a)``.
 """
 
 from __future__ import annotations
+
+import abc
 
 import torch
 
@@ -30,12 +30,11 @@ INVERSE = "inverse"
 COMPUTE_METHODS = (EIGEN, INVERSE)
 
 Parts = dict[str, list[torch.Tensor]]
-#: Results of :func:`.batched.decompose_all` by factor (``"A"``/``"G"``); a missing or ``None``
-#: entry is computed here by the per-factor path of :mod:`.linalg`.
+#: :func:`.batched.decompose_all` results by factor; a missing one is computed by :mod:`.linalg`.
 Ready = dict[str, object] | None
 
 
-class SecondOrderMethod:
+class SecondOrderMethod(abc.ABC):
     """Base class: the tensors of one layer and the bookkeeping every method shares."""
 
     name: str = ""
@@ -60,12 +59,12 @@ class SecondOrderMethod:
         self.tensors: list[torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ tensors
-    def shapes(self) -> list[tuple[int, ...]]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def shapes(self) -> list[tuple[int, ...]]: ...
 
+    @abc.abstractmethod
     def identity(self) -> list[torch.Tensor]:
         """Second-order data that leaves a gradient unchanged."""
-        raise NotImplementedError
 
     def has_data(self) -> bool:
         return self.tensors is not None
@@ -126,27 +125,29 @@ class SecondOrderMethod:
         """The decompositions factors ``whiches`` need, for :func:`.batched.decompose_all`."""
         return [(A if which == "A" else G, None) for which in whiches]
 
+    @abc.abstractmethod
     def compute(self, A: torch.Tensor, G: torch.Tensor, damping: float, ready: Ready = None):
         """Colocated update from the running factors ``A`` and ``G``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def factor_part(
-        self, which: str, A: torch.Tensor, G: torch.Tensor, damping: float
+        self, which: str, A: torch.Tensor, G: torch.Tensor, damping: float, ready: Ready = None
     ) -> list[torch.Tensor]:
         """Per-factor update on the owner of factor ``which`` (``"A"`` or ``"G"``); returns the
         tensors to broadcast."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def part_buffers(self, which: str, A: torch.Tensor, G: torch.Tensor) -> list[torch.Tensor]:
         """Buffers that receive factor ``which``'s part on the other ranks."""
-        raise NotImplementedError
 
     def finish_parts(self, parts: Parts, A: torch.Tensor, G: torch.Tensor, damping: float):
-        """Combine the received parts into the data in force (every rank, same result)."""
+        """Combine the received parts into the data in force (every rank, same result). By
+        default the received parts already are the data (the inverse method)."""
+        del parts, A, G, damping
 
+    @abc.abstractmethod
     def precondition(self, grad: torch.Tensor) -> torch.Tensor:
         """The preconditioned gradient ``V`` of shape ``(g, a)``."""
-        raise NotImplementedError
 
 
 class EigenMethod(SecondOrderMethod):

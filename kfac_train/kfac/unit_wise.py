@@ -22,6 +22,7 @@ per-unit sums (:meth:`UnitWiseBlock.per_example`).
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import torch
@@ -77,7 +78,7 @@ class UnitWiseInverse:
         return torch.stack([i_gg * d_gamma + i_gb * d_beta, i_gb * d_gamma + i_bb * d_beta])
 
 
-class UnitWiseBlock:
+class UnitWiseBlock(abc.ABC):
     """K-FAC state of one normalisation layer with ``C`` units (a replicated block, same
     interface as :class:`~kfac_train.kfac.kfac_layer.KFACLayer`). The layer's ``weight`` and
     ``bias`` hold ``C`` elements each (any shape: a LayerNorm's is ``normalized_shape``)."""
@@ -103,13 +104,13 @@ class UnitWiseBlock:
         self.peak_rows_bytes = 0
 
     # ------------------------------------------------------------------ per layer type
+    @abc.abstractmethod
     def normalised(self, x: torch.Tensor) -> torch.Tensor:
         """``x̂`` of a training-mode forward (the input normalised as the layer does it)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def per_example(self, t: torch.Tensor) -> torch.Tensor:
         """Sum an output-shaped tensor to ``(B, C)``: per example, per unit."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ statistics
     @property
