@@ -61,7 +61,7 @@ def test_a_fallback_warns_once_per_layer_then_every_nth_time(monkeypatch) -> Non
     def failing(*args, **kwargs):
         raise torch.linalg.LinAlgError("injected")
 
-    for routine in ("inv", "inv_ex"):
+    for routine in ("inv", "inv_ex", "cholesky_ex"):  # the batched inverse is Cholesky-based
         monkeypatch.setattr(torch.linalg, routine, failing)
     texts = _steps(model, pre, 3)  # each step: layer 0 and 2, factors A and G fail
     fallbacks = [t for t in texts if "keeps its previous second-order data" in t]
