@@ -80,12 +80,10 @@ def _reference(model: nn.Module, run_backward, method: str, damping: float | Non
     capture = oracle.capture_layers(reference, ["0"], run_backward)["0"]
     A, G = oracle.layer_factors(reference[0], capture)
     grad = oracle.gradient_matrix(reference[0])
-    if damping is not None:
-        pass
-    elif method == "inverse" and G.abs().max() < FLOAT16_TINY:
+    if damping is None and method == "inverse" and G.abs().max() < FLOAT16_TINY:
         # One damping cannot sit inside both spectra (A of order 1, G below 1e-8): sit below G's.
         damping = 0.1 * float(torch.linalg.eigvalsh(G).min())
-    else:
+    elif damping is None:
         damping = oracle.damping_inside_spectrum(method, A, G)
     oracle.assert_sensitive_to_both_factors(method, A, G, grad, damping)
     return A, G, grad, damping
