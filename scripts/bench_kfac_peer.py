@@ -49,6 +49,7 @@ def _peer_preconditioner(model, config: bench_kfac.Configuration):
     factor_every, inverse_every = config.intervals
     hyper = dict(bench_kfac.KFAC_HYPERPARAMETERS)
     hyper.pop("conv_factor", None)
+    hyper.pop("grad_scaling", None)  # the peer has only the "mean" convention
     return PeerPreconditioner(
         model,
         factor_update_steps=factor_every,

@@ -52,7 +52,9 @@ def _block_working_set(block: Any) -> int:
 
 
 def memory_bytes(pre: Any) -> dict[str, int]:
-    """``{"factors", "second_order", "transient_peak"}`` in bytes for preconditioner ``pre``."""
+    """``{"factors", "second_order", "transient_peak"}`` in bytes for preconditioner ``pre``,
+    and ``"stale_history"`` (the bound on the stale schedule's two kept copies of every
+    statistic) under ``stale="adaptive"``."""
     blocks = pre.blocks.values()
     factors = sum(block.factor_bytes() for block in blocks)
     second_order = sum(block.second_order_bytes() for block in blocks)
@@ -68,7 +70,10 @@ def memory_bytes(pre: Any) -> dict[str, int]:
             distributed += grads  # one flattened buffer per source
     working = max((_block_working_set(block) for block in blocks), default=0)
     transient = 2 * batch_sums + 2 * grads + x_hat + distributed + working
-    return {"factors": factors, "second_order": second_order, "transient_peak": transient}
+    figures = {"factors": factors, "second_order": second_order, "transient_peak": transient}
+    if pre.reduction.schedule.adaptive:
+        figures["stale_history"] = 2 * factors  # X₋₁ and X₋₂ of every statistic (.stale)
+    return figures
 
 
 def summary(pre: Any) -> str:

@@ -52,11 +52,13 @@ class Footprint:
     """Predicted K-FAC state and traffic of every rank for one gradient-worker fraction.
 
     ``memory[r]`` is ``{"factors": bytes, "second_order": bytes}`` of rank ``r`` (as
-    ``memory_bytes()`` reports once second-order data exists). Communication is payload bytes per
-    occurrence, as ``comm_bytes()`` counts them: ``factor_allreduce`` per factor-update step and
-    ``grad_broadcast`` per step (the same on every rank), ``second_order_broadcast[r]`` per
-    inverse-update step. ``network_*``: bytes delivered over the network per occurrence, all
-    ranks together (:meth:`network_bytes_per_step`).
+    ``memory_bytes()`` reports once second-order data exists), plus ``"stale_history"`` (the
+    two kept values ``X₋₁``, ``X₋₂`` of every statistic) under ``stale="adaptive"``.
+    Communication is payload bytes per occurrence, as ``comm_bytes()`` counts them:
+    ``factor_allreduce`` per factor-update step and ``grad_broadcast`` per step (the same on
+    every rank), ``second_order_broadcast[r]`` per inverse-update step. ``network_*``: bytes
+    delivered over the network per occurrence, all ranks together
+    (:meth:`network_bytes_per_step`).
     """
 
     fraction: float
@@ -72,7 +74,7 @@ class Footprint:
     @property
     def max_memory(self) -> int:
         """The largest K-FAC state any rank holds (what a per-rank budget must cover)."""
-        return max(m["factors"] + m["second_order"] for m in self.memory)
+        return max(sum(m.values()) for m in self.memory)
 
     def step_bytes(self, rank: int, *, factor_update: bool, inverse_update: bool) -> dict[str, int]:
         """``comm_bytes()["step"]`` of ``rank`` for a step of the given kind."""
@@ -119,10 +121,12 @@ def predict_footprint(
     colocate_factors: bool = True,
     assignment_cost: str = "compute",
     unit_wise_channels: Sequence[int] = (),
+    stale_history: bool = False,
 ) -> Footprint:
     """Predict what each rank holds and sends for ``fraction`` (module docstring: formulas).
 
-    ``unit_wise_channels``: ``C`` of every unit-wise BatchNorm / LayerNorm layer."""
+    ``unit_wise_channels``: ``C`` of every unit-wise BatchNorm / LayerNorm layer;
+    ``stale_history``: the stale schedule keeps two more copies of every factor (``.stale``)."""
     plan = plan_work(
         shapes, world_size, fraction, colocate_factors=colocate_factors, cost=assignment_cost
     )
@@ -150,6 +154,8 @@ def predict_footprint(
             if not plan.colocate_factors or plan.is_grad_worker(s.name, rank)
         )
         memory.append({"factors": factors, "second_order": held * i_size + bn_elems * f_size})
+        if stale_history:
+            memory[-1]["stale_history"] = 2 * factors
 
     if world_size == 1:
         return Footprint(fraction, m, tuple(memory), 0, (0,), 0)

@@ -121,8 +121,7 @@ class KFACPreconditioner(DampingMixin):
         self.layers, self.batchnorm_layers = sections["layers"], sections["batchnorm"]
         if not self.blocks:
             warnings.warn(
-                "K-FAC: no layers were registered; step() leaves gradients as they are",
-                stacklevel=2,
+                "K-FAC: no layers were registered; step() leaves gradients as is", stacklevel=2
             )
         if isinstance(grad_worker_fraction, str) and grad_worker_fraction.lower() == "auto":
             grad_worker_fraction = auto_grad_worker_fraction(
@@ -138,6 +137,7 @@ class KFACPreconditioner(DampingMixin):
                 symmetry_aware=symmetry_aware,
                 colocate_factors=colocate_factors,
                 assignment_cost=assignment_cost,
+                stale_history=stale == "adaptive",
             )
         self.grad_worker_fraction = resolve_grad_worker_fraction(
             grad_worker_fraction, self.comm.world_size
@@ -289,11 +289,11 @@ class KFACPreconditioner(DampingMixin):
         return self.comm.stats.as_dict()
 
     def memory_bytes(self, transient: bool = False) -> dict[str, int]:
-        """Bytes of K-FAC memory on this rank (see :mod:`.memory`): the persistent ``factors``
-        and ``second_order``; with ``transient=True`` also ``transient_peak``, the most a step
-        allocates on top of them. Size a job by the sum of the three."""
+        """K-FAC bytes on this rank (:mod:`.memory`): persistent ``factors``, ``second_order``
+        (and ``stale_history`` if ``stale="adaptive"``); ``transient=True`` adds
+        ``transient_peak``, the most a step allocates on top. Size a job by the sum."""
         figures = memory_bytes(self)
-        return figures if transient else {k: figures[k] for k in ("factors", "second_order")}
+        return figures if transient else {k: v for k, v in figures.items() if k != "transient_peak"}
 
     def summary(self) -> str:
         """A table of the registered layers with their factor shapes and bytes."""

@@ -145,7 +145,10 @@ class FactorReduction:
                 # An overflow step drops the block's statistics together (A and G).
                 keep = torch.stack([torch.isfinite(s).all() for _, _, s in sent]).all()
                 for index, factor, stat in sent:
-                    factor.update_running(stat, decay, keep)
+                    # A stale statistic's refresh stands for every factor step since the
+                    # previous one: the running average decays over all of them.
+                    elapsed = self.schedule.elapsed((name, index))
+                    factor.update_running(stat, decay**elapsed, keep)
                     # The schedule compares the factor in force (non-finite when dropped).
                     refreshed[(name, index)] = torch.where(keep, factor.running, stat)
                 self.dropped = self.dropped.to(keep.device) + ~keep

@@ -13,9 +13,13 @@ neither computed in the hooks nor communicated, and its running average stays as
 
 then ``t_X += Δ``. ``X`` is the statistic the preconditioner uses: the running average after
 the rank-averaged batch value was folded in. SP-NGD keeps no running average (its statistic is
-the latest batch value, ``factor_decay=0`` here, as in the SP-NGD recipes); with a running
-average the test asks whether the factor in force moved, which it does by ``(1 − decay)`` of
-the batch's deviation. Similar means ``‖X − Y‖_F / ‖Y‖_F < α``, α = 0.1 in every experiment of the
+the latest batch value, ``factor_decay=0`` here, as in the SP-NGD recipes). With a running
+average, a refresh stands for every factor step since the previous one: it is folded in with
+weight ``1 − decay^Δ₋₁`` (:meth:`StaleStatistics.elapsed`), so the factor in force ages with the
+steps rather than with the refreshes, and the test asks whether it moved over the stale gap.
+(Folded with ``1 − decay``, a factor moves by a twentieth of the batch's deviation at decay
+0.95, is nearly always "similar", and the intervals grow as Fibonacci numbers whatever the data.)
+Similar means ``‖X − Y‖_F / ‖Y‖_F < α``, α = 0.1 in every experiment of the
 paper. Intervals start at ``Δ₋₁ = Δ₋₂ = 1``; a missing ``X₋₁`` / ``X₋₂`` (the first refreshes)
 counts as not similar, as does a non-finite ``X`` (an AMP overflow: the value is not kept).
 
@@ -84,6 +88,14 @@ class StaleStatistics:
     def due(self, key: tuple[str, int]) -> bool:
         """Whether statistic ``key`` is refreshed at the coming factor step."""
         return not self.adaptive or self.stats[key].next <= self.factor_steps
+
+    def elapsed(self, key: tuple[str, int]) -> int:
+        """Factor steps that a refresh of ``key`` at the coming factor step stands for: the steps
+        since its previous refresh (1 without the adaptive schedule, and at the first refresh)."""
+        if not self.adaptive:
+            return 1
+        stat = self.stats[key]
+        return max(1, self.factor_steps - stat.next + stat.intervals[0])
 
     @property
     def fraction(self) -> float:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kfac_train.kfac import KFACPreconditioner as _KFACPreconditioner
+from kfac_train.kfac.memory_model import predict_footprint
 from kfac_train.kfac.stale import StaleStatistics, next_interval
 
 from . import oracle
@@ -154,9 +155,58 @@ def test_a_stale_statistic_is_neither_computed_nor_folded_and_a_due_one_is_exact
     assert pre.statistics_fraction < 1.0
 
 
+def test_a_refresh_after_delta_factor_steps_decays_the_running_average_delta_times():
+    # The refreshed value stands for every factor step since the previous refresh:
+    # running = decay^Δ · running + (1 − decay^Δ) · batch, so the factor in force ages with the
+    # steps, not with the refreshes, and the similarity test sees the stale gap.
+    model = two_layer_model()
+    decay = 0.5
+    pre = KFACPreconditioner(
+        model,
+        stale="adaptive",
+        factor_decay=decay,
+        kl_clip=None,
+        inv_update_steps=1000,
+        factor_dtype=torch.float64,
+    )
+    torch.manual_seed(1)
+    x = torch.randn(16, 5, dtype=torch.float64)
+    # A of layer "0" drifts by 0.2% per step: similar (α = 0.1) at every refresh.
+    batches = [(x * (1 + 0.001 * k), torch.randint(3, (16,))) for k in range(14)]
+    running = pre.blocks["0"].factors()[0].running.clone()
+    last, gaps = -1, []
+    for step, batch in enumerate(batches):
+        (record,) = run_steps(pre, model, [batch])
+        if record["active"][("0", 0)]:
+            gap, last = step - last, step
+            gaps.append(gap)
+            weight = decay**gap
+            running = weight * running + (1 - weight) * record["expected"]["0"][0]
+        torch.testing.assert_close(pre.blocks["0"].factors()[0].running, running)
+    # The first folds move the average off its initial value by more than α (gaps of 1); once it
+    # settles, the gaps grow and the catch-up weight 1 − decay^Δ is exercised.
+    assert gaps == [1, 1, 1, 1, 1, 2, 3]
+
+
+def test_the_elapsed_factor_steps_are_the_gap_since_the_previous_refresh():
+    schedule = StaleStatistics([KEY], adaptive=True, threshold=0.1)
+    gaps = []
+    for _ in range(13):
+        if schedule.due(KEY):
+            gaps.append(schedule.elapsed(KEY))
+            schedule.observe({KEY: torch.eye(2)})
+        else:
+            schedule.observe({})
+    assert gaps == [1, 1, 1, 2, 3, 5]
+    plain = StaleStatistics([KEY], adaptive=False, threshold=0.1)
+    assert plain.elapsed(KEY) == 1
+
+
 def test_the_fraction_counts_computed_statistics_over_all_of_them_at_every_factor_step():
     model = two_layer_model()
-    pre = KFACPreconditioner(model, stale="adaptive", factor_update_steps=2, kl_clip=None)
+    pre = KFACPreconditioner(
+        model, stale="adaptive", factor_update_steps=2, kl_clip=None, factor_decay=0.0
+    )
     torch.manual_seed(2)
     x = torch.randn(8, 5, dtype=torch.float64)
     computed = 0
@@ -169,7 +219,8 @@ def test_the_fraction_counts_computed_statistics_over_all_of_them_at_every_facto
         nn.functional.cross_entropy(model(x), torch.zeros(8, dtype=torch.long)).backward()
         pre.step()
     assert pre.statistics_fraction == pytest.approx(computed / (10 * 4))
-    # One fixed batch: every statistic stays the same, refreshed at factor steps 0, 1, 2, 4, 7.
+    # One fixed batch, no running average: every statistic stays the same, refreshed at factor
+    # steps 0, 1, 2, 4, 7.
     assert pre.statistics_fraction == pytest.approx(5 / 10)
 
 
@@ -266,3 +317,28 @@ def test_two_ranks_take_the_same_decisions_and_send_only_due_statistics(overlap)
     for active, sent in zip(rank0["decisions"], rank0["sent"], strict=True):
         assert sent == sum(b for b, on in zip(rank0["bytes"], active, strict=True) if on)
     assert any(not all(step) for step in rank0["decisions"])  # some statistics were skipped
+
+
+def test_memory_bytes_count_the_two_kept_copies_of_every_statistic():
+    model = two_layer_model()
+    pre = KFACPreconditioner(model, stale="adaptive", kl_clip=None, factor_dtype=torch.float64)
+    torch.manual_seed(3)
+    for _ in range(3):  # every statistic is refreshed at factor steps 0 and 1
+        model.zero_grad()
+        x = torch.randn(8, 5, dtype=torch.float64)
+        nn.functional.cross_entropy(model(x), torch.randint(3, (8,))).backward()
+        pre.step()
+    memory = pre.memory_bytes()
+    assert (
+        memory["stale_history"] == 2 * memory["factors"] == pre.reduction.schedule.history_bytes()
+    )
+    predicted = predict_footprint(
+        [layer.shape for layer in pre.layers.values()],
+        1,
+        1.0,
+        factor_dtype=torch.float64,
+        stale_history=True,
+    )
+    assert predicted.memory[0] == memory
+    off = KFACPreconditioner(two_layer_model(), kl_clip=None)
+    assert "stale_history" not in off.memory_bytes()
