@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv_correlation import stride_one_moment
 from .precision import LOW_PRECISION, compute_dtype, power_of_two_scale
 
 Rect = tuple[int, int, int, int]  # (first t, count, first τ, count): window coordinates
@@ -150,21 +151,15 @@ def _product(
     return (lhs.T @ rhs).to(acc), 2 * copies * lhs.numel() * lhs.element_size()
 
 
-def patch_second_moment(
+def _shifted_gemm_moment(
     module: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, int, int]:
-    """``(M, S, working_bytes)``: ``M = Σ_rows r rᵀ / N`` over the ``N = B·H_out·W_out`` patches
-    ``r = [p, 1]`` of ``module`` applied to ``x`` (``(B, C, H, W)``, any memory format), the
-    ``1`` only when the layer has a bias; shape ``(C·kh·kw [+1])²``, columns ``(c, i, j)``.
-
-    Products run in ``dtype``; bfloat16/float16 inputs are first scaled by ``σ/√N`` (``σ`` a
-    power of two with ``σ·max|x| ≤ 1``, as :func:`~kfac_train.kfac.precision.gram_mean` does),
-    so no partial sum leaves ``[-1, 1]``, and ``M`` is returned in float32. ``S = H_out·W_out``;
-    ``working_bytes`` is the largest transient this call held (padded copy, operands, blocks).
-    """
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Any stride and dtype: ``(Σ_rows p pᵀ, totals, working_bytes)`` from one GEMM per group of
+    offset pairs plus strips (module docstring), and the batch-summed padded image ``totals``
+    ``(H_pad, W_pad, C)``. 16-bit inputs are scaled by ``σ/√N`` first and the results scaled
+    back, in float32."""
     acc = compute_dtype(dtype) if dtype in LOW_PRECISION else dtype
     batch, channels = x.shape[0], x.shape[1]
-    kernel, bias = tuple(module.kernel_size), module.bias is not None
     factor = None
     if dtype in LOW_PRECISION:
         left, right, top, bottom = module._reversed_padding_repeated_twice
@@ -172,37 +167,77 @@ def patch_second_moment(
         amax = torch.maximum(x.detach().abs().amax().float(), torch.ones((), device=x.device))
         factor = power_of_two_scale(amax) / math.sqrt(n_est)
     image = _padded_channels_last(module, x, dtype, factor)
-    (kh, kw), (dh, dw), (sh, sw) = kernel, tuple(module.dilation), tuple(module.stride)
-    out = (
-        (image.shape[1] - dh * (kh - 1) - 1) // sh + 1,
-        (image.shape[2] - dw * (kw - 1) - 1) // sw + 1,
+    kernel, dilation, stride = (
+        tuple(module.kernel_size),
+        tuple(module.dilation),
+        tuple(module.stride),
     )
-    rows = batch * out[0] * out[1]
-    size = kh * kw
+    out = _output_size(image.shape[1:3], kernel, dilation, stride)
+    size = kernel[0] * kernel[1]
     blocks = torch.zeros(size, size, channels, channels, dtype=acc, device=x.device)
     operands = 0
-    for group in _plan(kernel, (dh, dw), (sh, sw), out):
+    for group in _plan(kernel, dilation, stride, out):
         core = None
         if group.core is not None:
-            core, nbytes = _product(image, group, (group.core,), (sh, sw), acc)
+            core, nbytes = _product(image, group, (group.core,), stride, acc)
             operands = max(operands, nbytes)
         for a, b, extras in group.pairs:
             if core is not None:
                 blocks[a, b] = core
             if extras:
-                strip, nbytes = _product(image, group, extras, (sh, sw), acc)
+                strip, nbytes = _product(image, group, extras, stride, acc)
                 blocks[a, b] += strip
                 operands = max(operands, nbytes)
     upper_a, upper_b = torch.triu_indices(size, size, offset=1, device=x.device)
     blocks[upper_b, upper_a] = blocks[upper_a, upper_b].transpose(-1, -2)
     width = channels * size
-    moment = torch.empty(width + bias, width + bias, dtype=acc, device=x.device)
-    moment[:width, :width] = blocks.permute(2, 0, 3, 1).reshape(width, width)
+    inner = blocks.permute(2, 0, 3, 1).reshape(width, width)
+    totals = image.sum(0, dtype=acc)  # (H_pad, W_pad, C): the batch-summed image
     if factor is not None:
-        moment[:width, :width] /= factor * factor
-    totals_bytes = 0
+        inner, totals = inner / (factor * factor), totals / factor
+    copies = (module.padding_mode != "zeros") + (factor is not None)  # padded / scaled input
+    working = image.numel() * image.element_size() + copies * image.numel() * 4
+    working += operands + 3 * blocks.numel() * blocks.element_size()  # blocks, their copies
+    return inner, totals, working + totals.numel() * totals.element_size()
+
+
+def _output_size(padded: tuple[int, int], kernel, dilation, stride) -> tuple[int, int]:
+    return tuple(
+        (n - d * (k - 1) - 1) // s + 1
+        for n, k, d, s in zip(padded, kernel, dilation, stride, strict=True)
+    )
+
+
+def patch_second_moment(
+    module: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, int, int]:
+    """``(M, S, working_bytes)``: ``M = Σ_rows r rᵀ / N`` over the ``N = B·H_out·W_out`` patches
+    ``r = [p, 1]`` of ``module`` applied to ``x`` (``(B, C, H, W)``, any memory format), the
+    ``1`` only when the layer has a bias; shape ``(C·kh·kw [+1])²``, columns ``(c, i, j)``.
+
+    Stride 1 in float32/float64: from the input's autocorrelation (:mod:`.conv_correlation`,
+    convolution weight-gradient kernels); otherwise from shifted GEMMs (module docstring), where
+    bfloat16/float16 inputs are first scaled by ``σ/√N`` (``σ`` a power of two with
+    ``σ·max|x| ≤ 1``, as :func:`~kfac_train.kfac.precision.gram_mean` does), so no partial sum
+    leaves ``[-1, 1]``, and ``M`` is returned in float32. ``S = H_out·W_out``;
+    ``working_bytes`` is the largest transient this call held (padded copy, operands, blocks).
+    """
+    kernel, dilation, stride = (
+        tuple(module.kernel_size),
+        tuple(module.dilation),
+        tuple(module.stride),
+    )
+    if stride == (1, 1) and dtype in (torch.float32, torch.float64):
+        inner, totals, working = stride_one_moment(module, x, dtype)
+    else:
+        inner, totals, working = _shifted_gemm_moment(module, x, dtype)
+    out = _output_size(totals.shape[:2], kernel, dilation, stride)
+    rows = x.shape[0] * out[0] * out[1]
+    width, bias = inner.shape[0], module.bias is not None
+    moment = torch.empty(width + bias, width + bias, dtype=inner.dtype, device=x.device)
+    moment[:width, :width] = inner
     if bias:
-        totals = image.sum(0, dtype=acc)  # (H_pad, W_pad, C): the batch-summed image
+        (kh, kw), (dh, dw), (sh, sw) = kernel, dilation, stride
         sums = torch.stack(
             [
                 totals[
@@ -214,14 +249,8 @@ def patch_second_moment(
             ],
             dim=1,
         ).reshape(width)  # (C, kh·kw) → columns (c, i, j)
-        totals_bytes = totals.numel() * totals.element_size()
-        if factor is not None:
-            sums = sums / factor
         moment[:width, width] = sums
         moment[width, :width] = sums
         moment[width, width] = rows
-    copies = (module.padding_mode != "zeros") + (factor is not None)  # padded / scaled input
-    working = image.numel() * image.element_size() + copies * image.numel() * 4
-    working += operands + 4 * moment.numel() * moment.element_size()  # blocks, their copies
-    working += totals_bytes
+    working += 2 * moment.numel() * moment.element_size()
     return moment / rows, out[0] * out[1], working

@@ -29,7 +29,7 @@ from .layers import (
     LayerHandler,
     per_example_scales,
 )
-from .precision import gram_mean
+from .precision import LOW_PRECISION, gram_mean
 from .second_order import SecondOrderMethod, make_method
 
 GradCallback = Callable[[torch.Tensor, "torch.Tensor | float"], None]
@@ -128,6 +128,11 @@ class KFACLayer:
     ) -> None:
         """``multiplier`` rescales ``g`` before the outer product: it undoes the ``1/k`` of
         gradient accumulation, the AMP loss scale, and applies per-example scaling when asked."""
+        statistic = getattr(self.handler, "output_grad_statistic", None)
+        if statistic is not None and self.G.stat_dtype not in LOW_PRECISION:
+            # Scalars fold into the product: (m·g)ᵀ(m·g) = m²·gᵀg (no scaled copy of g).
+            self.G.add(statistic(self.module, grad_output, self.G.stat_dtype) * multiplier**2)
+            return
         rows = self.handler.output_grad_rows(self.module, grad_output)
         self.G.accumulate(rows.to(self.G.dtype) * multiplier)
 

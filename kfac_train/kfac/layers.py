@@ -189,6 +189,17 @@ class Conv2dHandler:
         rows = grad_output.permute(0, 2, 3, 1).reshape(-1, channels)
         return rows / spatial
 
+    def output_grad_statistic(
+        self, module: nn.Module, grad_output: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``gᵀg / N`` for the rows ``g`` of :meth:`output_grad_rows` (``N = B·S`` rows, each
+        carrying ``1/S``): ``Σ_n g_n g_nᵀ / (B·S³)`` with ``g_n`` the ``(C, S)`` gradient of
+        example ``n``, one batched product, no row copy (float32/float64 ``dtype``)."""
+        batch, channels = grad_output.shape[:2]
+        spatial = grad_output.shape[2] * grad_output.shape[3]
+        g = grad_output.to(dtype).reshape(batch, channels, spatial)
+        return torch.bmm(g, g.transpose(1, 2)).sum(0) / (batch * float(spatial) ** 3)
+
     def per_example_scales(self, module: nn.Module, output: torch.Tensor) -> tuple[float, float]:
         """KFC's block ``S·E[p pᵀ] ⊗ E[(Cg)(Cg)ᵀ]`` from rows that carry ``1/S`` each:
         ``A ×S²`` (patches averaged over locations) and ``g ×S·√S`` (the ``1/S`` undone, the

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from kfac_train.kfac import KFACPreconditioner as _KFACPreconditioner
+from kfac_train.kfac import conv_stats
 from kfac_train.kfac.layers import Conv2dHandler
 
 from . import oracle
@@ -95,18 +96,57 @@ def test_low_precision_products_are_scaled_into_range(dtype: torch.dtype) -> Non
 
 
 def test_a_factor_update_step_never_builds_the_patch_matrix(monkeypatch) -> None:
-    """The preconditioner's Conv2d factor comes from ``input_statistic``: ``input_rows`` (the
-    patch copy) is never called, and ``A`` equals the oracle's."""
+    """The preconditioner's Conv2d factors come from ``input_statistic`` and
+    ``output_grad_statistic``: neither the patch copy (``input_rows``) nor the output-gradient
+    rows are built, and ``A`` and ``G`` equal the oracle's."""
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the patch matrix was built")
 
     monkeypatch.setattr(Conv2dHandler, "input_rows", forbidden)
+    monkeypatch.setattr(Conv2dHandler, "output_grad_rows", forbidden)  # G: one batched product
     torch.manual_seed(3)
     conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode="replicate").double()
     pre = KFACPreconditioner(conv, factor_decay=0.0, factor_dtype=torch.float64)
     x = torch.randn(4, 3, 9, 9, dtype=torch.float64)
     conv(x).square().mean().backward()
     pre.step()
-    A = pre.blocks[next(iter(pre.blocks))].A.running
-    torch.testing.assert_close(A, _oracle_A(conv, x), rtol=1e-12, atol=1e-14)
+    block = pre.blocks[next(iter(pre.blocks))]
+    torch.testing.assert_close(block.A.running, _oracle_A(conv, x), rtol=1e-12, atol=1e-14)
+    out = conv(x)
+    grads = torch.autograd.grad(out.square().mean(), out)[0]
+    capture = oracle.LayerCapture(inputs=x, output_grads=grads)
+    expected_G = oracle.conv2d_factors(conv, capture)[1]
+    torch.testing.assert_close(block.G.running, expected_G, rtol=1e-12, atol=1e-14)
+
+
+STRIDE_ONE = sorted(c for c, kw in CASES.items() if kw.get("stride", 1) == 1)
+
+
+@pytest.mark.parametrize("case", STRIDE_ONE)
+def test_stride_one_takes_the_autocorrelation_path_and_matches_the_oracle(
+    case: str, monkeypatch
+) -> None:
+    """Stride 1 in float64: the factor comes from weight-gradient kernels
+    (``conv_correlation``), never from the shifted-GEMM path, and equals the oracle's."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the shifted-GEMM path was taken for a stride-1 convolution")
+
+    monkeypatch.setattr(conv_stats, "_shifted_gemm_moment", forbidden)
+    torch.manual_seed(4)
+    conv = nn.Conv2d(3, 2, **CASES[case]).double()
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64) + 0.25
+    statistic, _ = Conv2dHandler().input_statistic(conv, x, torch.float64)
+    torch.testing.assert_close(statistic, _oracle_A(conv, x), rtol=1e-12, atol=1e-14)
+
+
+def test_the_autocorrelation_factor_is_exactly_symmetric() -> None:
+    torch.manual_seed(5)
+    conv = nn.Conv2d(5, 3, 3, padding=1)
+    x = torch.randn(4, 5, 11, 9)
+    statistic, _ = Conv2dHandler().input_statistic(conv, x, torch.float32)
+    assert torch.equal(statistic, statistic.T)
+    torch.testing.assert_close(
+        statistic.double(), _oracle_A(conv.double(), x.double()).double(), rtol=1e-4, atol=1e-5
+    )
