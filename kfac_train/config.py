@@ -100,6 +100,7 @@ CONV_FACTORS = ("patches", "spatial_mean")
 GRAD_SCALINGS = ("mean", "per_example")
 ASSIGNMENT_COSTS = ("compute", "memory")
 STALE_MODES = ("off", "adaptive")
+FACTOR_INITS = ("identity", "first_batch")
 FISHER_ESTIMATES = ("empirical", "mc")
 
 
@@ -257,13 +258,16 @@ class KFACConfig:
     `stale=adaptive`: SP-NGD's per-statistic refresh intervals with similarity threshold
     `stale_threshold` (the library's `stale`). `fisher=mc`: G from the loss of `mc_samples`
     label draws from the model's predictive distribution (`Task.sample_fisher_loss`);
-    `empirical`: from the true loss.
+    `empirical`: from the true loss. `factor_init`: the running averages start at the identity
+    (KAISA, kfac-pytorch) or, with `first_batch`, at the first step's statistics (factor decay
+    0 at step 0), so early factors have the data's scale whatever the convention.
     """
 
     factor_update_steps: int = within(10, AT_LEAST_ONE)
     inv_update_steps: int = within(100, AT_LEAST_ONE)
     damping: float = within(library_default("damping"), POSITIVE)
     factor_decay: float = within(library_default("factor_decay"), DECAY)
+    factor_init: str = one_of("identity", FACTOR_INITS)
     kl_clip: Optional[float] = within(library_default("kl_clip"), POSITIVE)
     compute_method: str = one_of("eigen", COMPUTE_METHODS)
     factored_damping: bool = False

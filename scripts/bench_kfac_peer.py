@@ -52,6 +52,9 @@ def _peer_preconditioner(model, config: bench_kfac.Configuration):
     hyper.pop("grad_scaling", None)  # the peer has only the "mean" convention
     return PeerPreconditioner(
         model,
+        # The peer folds its factors in the backward hook by default; here it folds them in
+        # step(), as this project does, so the step() phases compare the same work.
+        update_factors_in_hook=False,
         factor_update_steps=factor_every,
         inv_update_steps=inverse_every,
         compute_method=config.compute_method,

@@ -6,6 +6,7 @@ offer the same methods, so the engine has no optimizer-specific branches.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -79,6 +80,15 @@ def dtype_of(name: str, key: str, kfac: KFACConfig | None = None) -> torch.dtype
     return DTYPES[name]
 
 
+def factor_decay_schedule(decay: float, init: str) -> float | Callable[[int], float]:
+    """``kfac.factor_decay`` as the library takes it: the constant, or with
+    ``factor_init=first_batch`` a schedule that is 0 at step 0 (always a factor-update step), so
+    the first statistics replace the identity the running averages start from."""
+    if init == "identity":
+        return decay
+    return lambda step: 0.0 if step == 0 else decay
+
+
 def build_preconditioner(
     kind: str,
     model: nn.Module,
@@ -111,7 +121,7 @@ def build_preconditioner(
             factor_update_steps=hyper["factor_update_steps"],
             inv_update_steps=hyper["inv_update_steps"],
             damping=hyper["damping"],
-            factor_decay=kfac.factor_decay,
+            factor_decay=factor_decay_schedule(kfac.factor_decay, kfac.factor_init),
             kl_clip=kfac.kl_clip,
             lr=lambda step: optimizer.param_groups[0]["lr"],
             compute_method=kfac.compute_method,
