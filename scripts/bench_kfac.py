@@ -387,8 +387,11 @@ class Runner:
     def step_peak_bytes(self) -> int:
         """Peak bytes allocated during one untimed step: the next factor-update step of a
         (10, 100) configuration, any step of SGD."""
-        wanted = "plain" if self.pre is None else "factor update"
-        while _step_kind(self.steps_done, self.config.intervals) != wanted:
+        # SGD: any step (its configuration's intervals are nominal, so every step would count
+        # as a second-order update and a search for a "plain" one never ends).
+        while self.pre is not None and (
+            _step_kind(self.steps_done, self.config.intervals) != "factor update"
+        ):
             self.step()
         with PeakBytes() as tracker:
             self.step()

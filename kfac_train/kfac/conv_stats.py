@@ -21,6 +21,10 @@ sums ``Σ p`` (window sums of the batch-summed image) and its corner is ``1``.
 
 Memory: one channels-last copy of the padded input in the statistic dtype and, at a time, the
 two gathered operands of one GEMM (at most ``B·H_out·W_out·C`` elements each).
+
+Stride-1 layers with float32/float64 statistics take a faster route
+(:mod:`.conv_correlation`: the same blocks from the input's autocorrelation, by convolution
+weight-gradient kernels); this module's GEMMs serve the other strides and 16-bit statistics.
 """
 
 from __future__ import annotations
