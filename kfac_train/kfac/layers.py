@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .conv_stats import patch_second_moment
+from .precision import gram_mean
 
 logger = logging.getLogger(__name__)
 
@@ -128,13 +129,32 @@ class Conv2dHandler:
     the convention.
     """
 
+    #: Patch matrices of at most this many elements are built and multiplied (one copy, one
+    #: GEMM): below it that beats the patch-free paths' several kernel calls (measured on CPU,
+    #: docs/benchmarks.md); above it the patch-free paths win by up to 7x.
+    small_patch_elements: int = 1 << 18
+
     def input_statistic(
         self, module: nn.Module, x: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, int]:
-        """``(aᵀa / N, working bytes)`` for the rows ``a`` of :meth:`input_rows`, from shifted
-        products of the padded input (the products run in ``dtype``)."""
+        """``(aᵀa / N, working bytes)`` for the rows ``a`` of :meth:`input_rows`: from the
+        input's shifted products (:mod:`.conv_stats`) or, for a patch matrix of at most
+        :attr:`small_patch_elements` elements, from the rows themselves (products in ``dtype``)."""
+        if self._patch_elements(module, x) <= self.small_patch_elements:
+            rows = self.input_rows(module, x)
+            working = rows.numel() * rows.element_size() + self.input_copy_bytes(module, x)
+            return gram_mean(rows, dtype), working
         moment, spatial, working = patch_second_moment(module, x, dtype)
         return moment / (spatial * spatial), working
+
+    @staticmethod
+    def _patch_elements(module: nn.Module, x: torch.Tensor) -> int:
+        """``B·H_out·W_out·C·kh·kw``: the size of the patch matrix of ``x``."""
+        left, right, top, bottom = module._reversed_padding_repeated_twice
+        (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
+        h_out = (x.shape[-2] + top + bottom - dh * (kh - 1) - 1) // sh + 1
+        w_out = (x.shape[-1] + left + right - dw * (kw - 1) - 1) // sw + 1
+        return x.shape[0] * h_out * w_out * x.shape[1] * kh * kw
 
     def input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         kh, kw = module.kernel_size

@@ -24,6 +24,13 @@ from . import oracle
 # issue 10); the per-example default is tested in test_convention.py.
 KFACPreconditioner = partial(_KFACPreconditioner, grad_scaling="mean")
 
+
+@pytest.fixture(autouse=True)
+def patch_free_at_every_size(monkeypatch):
+    """These cases are small; without this they would take the small-patch shortcut."""
+    monkeypatch.setattr(Conv2dHandler, "small_patch_elements", 0)
+
+
 CASES = {
     "3x3-pad1": dict(kernel_size=3, padding=1),
     "3x3-stride2-pad1": dict(kernel_size=3, stride=2, padding=1),
@@ -150,3 +157,27 @@ def test_the_autocorrelation_factor_is_exactly_symmetric() -> None:
     torch.testing.assert_close(
         statistic.double(), _oracle_A(conv.double(), x.double()).double(), rtol=1e-4, atol=1e-5
     )
+
+
+def test_a_small_patch_matrix_is_built_and_multiplied_directly(monkeypatch) -> None:
+    """At most ``small_patch_elements`` patch entries: the rows path (one copy, one GEMM), with
+    the same factor; above it the patch-free path."""
+    monkeypatch.setattr(Conv2dHandler, "small_patch_elements", 3 * 2 * 7 * 6 * 9)  # this input
+    built = []
+    original = Conv2dHandler.input_rows
+
+    def counting(self, module, x):
+        built.append(x.shape)
+        return original(self, module, x)
+
+    monkeypatch.setattr(Conv2dHandler, "input_rows", counting)
+    torch.manual_seed(6)
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    x = torch.randn(3, 2, 7, 6, dtype=torch.float64)
+    statistic, working = Conv2dHandler().input_statistic(conv, x, torch.float64)
+    torch.testing.assert_close(statistic, _oracle_A(conv, x), rtol=1e-12, atol=1e-14)
+    assert len(built) == 1 and working >= 3 * 7 * 6 * 19 * 8
+    bigger = torch.randn(4, 2, 7, 6, dtype=torch.float64)
+    statistic, _ = Conv2dHandler().input_statistic(conv, bigger, torch.float64)
+    torch.testing.assert_close(statistic, _oracle_A(conv, bigger), rtol=1e-12, atol=1e-14)
+    assert len(built) == 1  # the patch-free path
