@@ -18,11 +18,12 @@ misses: at most ``|d·i − p|`` of them, for "same" padding one row on one side
 for all ``(2kh − 1)(2kw − 1)`` shifts at once is one call of the convolution weight-gradient
 kernel (``torch.nn.grad.conv2d_weight``: ``S``'s pixels as the output gradient, the zero-padded
 image as the input, a ``(2kh − 1) × (2kw − 1)`` kernel with dilation ``d``): for a 3×3 "same"
-convolution that is 1 full-image call plus 8 calls on one-pixel-wide strips, and ``R`` costs
-``(2k − 1)²/k²`` (about 3x) a layer's own weight gradient, with no patch copy and no per-shift
-GEMMs. ``conv_stats.patch_second_moment`` uses this for stride 1 in float32/float64 and keeps
-its shifted-GEMM path for strides > 1 and 16-bit statistics (where the subtraction of strips
-could cancel).
+convolution that is 2 full-image calls (the last rows apart, so no padded copy is made) plus
+8 calls on one-pixel-wide strips. Since ``R(−δ) = R(δ)ᵀ`` the full image is correlated for
+``δh ≥ 0`` only, so ``R`` costs ``(2k − 1)/k`` (about 1.7x) a layer's own weight gradient, with no
+patch copy and no per-shift GEMMs. ``conv_stats.patch_second_moment`` uses this for stride 1
+in float32/float64 and keeps its shifted-GEMM path for strides > 1 and 16-bit statistics (where
+the subtraction of strips could cancel).
 """
 
 from __future__ import annotations
