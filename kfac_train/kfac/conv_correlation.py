@@ -90,7 +90,7 @@ def stride_one_moment(
     if module.padding_mode != "zeros":
         x = F.pad(x, (left, right, top, bottom), mode=module.padding_mode)
         left = right = top = bottom = 0
-    batch, channels, height, width = x.shape
+    channels, height, width = x.shape[1:]
     out_h, out_w = height + top + bottom - dh * (kh - 1), width + left + right - dw * (kw - 1)
     every = (
         range(-dh * (kh - 1), dh * (kh - 1) + 1, dh),
