@@ -77,7 +77,8 @@ def decompose_all(kind: str, requests: Sequence[Request]) -> list[Any]:
     results: list[Any] = [None] * len(requests)
     verdicts: list[tuple[list[int], torch.Tensor, Any]] = []
     for (n, dtype, device), members in groups.items():
-        stack = torch.stack([requests[i][0].to(dtype) for i in members])
+        factors = [requests[i][0].to(dtype) for i in members]
+        stack = factors[0].unsqueeze(0) if len(factors) == 1 else torch.stack(factors)
         ok = _sum_is_finite(stack)
         # A non-finite factor would spoil (or raise for) its whole batch: it is decomposed as
         # the identity instead, and its verdict already says "take the per-factor path".

@@ -38,8 +38,12 @@ class Factor:
         self.size = size
         self.stat_dtype = dtype
         self.dtype = precision.factor_storage_dtype(dtype)
-        #: Square statistics are symmetric: :meth:`batch` symmetrises them and the factor
-        #: all-reduce may send only their upper triangle.
+        #: Square statistics are symmetric: the factor all-reduce may send only their upper
+        #: triangle. They are Gram matrices (``rowsᵀ rows``, or blocks mirrored by
+        #: :mod:`.conv_correlation` / :mod:`.conv_stats`), and every decomposition reads one
+        #: triangle only (``eigh``, Cholesky), so no symmetrising pass is spent on them: a
+        #: rounding-level asymmetry of a BLAS product (none on the CPU: MKL's ``XᵀX`` is
+        #: bitwise symmetric) cannot reach the second-order data.
         self.symmetric = initial is None
         self.running = (
             torch.eye(size, dtype=self.dtype, device=device)
@@ -74,12 +78,11 @@ class Factor:
         self.batch_count += 1
 
     def batch(self) -> torch.Tensor | None:
-        """The mean of this step's micro-batch statistics, symmetrised for square factors
-        (``None`` if there were none)."""
-        if self._batch_sum is None:
+        """The mean of this step's micro-batch statistics (``None`` if there were none)."""
+        total = self._batch_sum
+        if total is None:
             return None
-        mean = self._batch_sum / self.batch_count
-        return (mean + mean.T) / 2 if self.symmetric else mean
+        return total / self.batch_count if self.batch_count > 1 else total
 
     def reset_batch(self) -> None:
         self._batch_sum = None
@@ -88,10 +91,16 @@ class Factor:
     def update_running(self, batch: torch.Tensor, decay: float, keep: torch.Tensor) -> None:
         """Fold ``batch`` into the running average where the 0-d bool tensor ``keep`` is true.
 
-        The choice stays on the device (``torch.where``): no host synchronisation.
+        One fused pass (``torch.lerp``: ``F + (1 − decay)(F_batch − F)``). On an accelerator the
+        choice stays on the device (``torch.where``): no host synchronisation; on the CPU,
+        where reading the flag costs nothing, the dropped case skips the fold.
         """
-        updated = self.running * decay + batch.to(self.running.dtype) * (1.0 - decay)
-        self.running = torch.where(keep, updated, self.running)
+        batch = batch.to(self.running.dtype)
+        if keep.device.type == "cpu":
+            if bool(keep):
+                self.running = torch.lerp(self.running, batch, 1.0 - decay)
+            return
+        self.running = torch.where(keep, torch.lerp(self.running, batch, 1.0 - decay), self.running)
 
     def running_bytes(self) -> int:
         return self.running.numel() * self.running.element_size()

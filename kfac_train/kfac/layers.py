@@ -139,8 +139,12 @@ class Conv2dHandler:
     ) -> tuple[torch.Tensor, int]:
         """``(aᵀa / N, working bytes)`` for the rows ``a`` of :meth:`input_rows`: from the
         input's shifted products (:mod:`.conv_stats`) or, for a patch matrix of at most
-        :attr:`small_patch_elements` elements, from the rows themselves (products in ``dtype``)."""
-        if self._patch_elements(module, x) <= self.small_patch_elements:
+        :attr:`small_patch_elements` elements or a strided 1×1 convolution, from the rows
+        themselves (products in ``dtype``)."""
+        pointwise_strided = module.kernel_size == (1, 1) and module.stride != (1, 1)
+        if pointwise_strided or self._patch_elements(module, x) <= self.small_patch_elements:
+            # (a strided 1×1 convolution's patch matrix is a subsample of its input, 1/(sh·sw)
+            # of it: one copy and one GEMM beat the shifted products, measured on CPU)
             rows = self.input_rows(module, x)
             working = rows.numel() * rows.element_size() + self.input_copy_bytes(module, x)
             return gram_mean(rows, dtype), working

@@ -38,14 +38,17 @@ def _block_working_set(block: Any) -> int:
     factors = block.factors()
     weight = block.module.weight
     grad_size = _size(weight.dtype)
-    fold = max(3 * f.running_bytes() for f in factors)  # decay·F, (1−decay)·B, their sum
+    # the fused fold (torch.lerp), and on an accelerator its torch.where selection too
+    fold = max(f.running_bytes() for f in factors) * (1 if weight.device.type == "cpu" else 2)
     rows = block.peak_rows_bytes + max(f.running_bytes() for f in factors)
     method = block.method
     shapes = method.shapes()
     new_data = sum(torch.Size(s).numel() for s in shapes) * _size(method.dtype)
     grad_elems = math.prod(block.grad_shape)
-    # decomposition outputs (eigenvalues and vectors) in up to float64, next to the old data
-    decomposition = 2 * new_data + sum(f.running_bytes() for f in factors) * 2
+    # the stacked (and identity-masked) factor copies, the outputs next to the old data and,
+    # for the inverse method, the Cholesky factor of the damped copy
+    running = sum(f.running_bytes() for f in factors)
+    decomposition = new_data + 2 * running + (2 * new_data if method.name == "inverse" else 0)
     precondition = 5 * grad_elems * grad_size
     clip = 2 * grad_elems * 8 + grad_elems * grad_size  # float64 casts and the scaled copy
     return max(fold, rows, decomposition, precondition, clip)

@@ -99,6 +99,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def all_finite(tensor: torch.Tensor) -> torch.Tensor:
+    """Whether every entry of ``tensor`` is finite, as a 0-d bool tensor on its device (no host
+    synchronisation), read from one sum in :func:`compute_dtype`: one pass, no temporaries.
+
+    A non-finite entry always makes the sum non-finite. Finite entries whose sum overflows
+    (beyond float32's 3.4e38) also read as "not finite": such a statistic is dropped like an
+    overflow, which it is in effect.
+    """
+    return torch.isfinite(tensor.sum(dtype=compute_dtype(tensor.dtype)))
+
+
 def power_of_two_scale(amax: torch.Tensor) -> torch.Tensor:
     """``2^-ceil(log2 amax)`` (so ``amax·scale ∈ (1/2, 1]``), or 1 when ``amax`` is 0 or not
     finite (an inf/NaN statistic then stays non-finite and is dropped). A 0-d tensor on the

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from . import precision
 from .bucketing import FactorAllReducer
 from .comm import Communicator
 from .stale import DEFAULT_THRESHOLD, MODES, StaleStatistics
@@ -143,14 +144,18 @@ class FactorReduction:
             ]
             if sent and all(s is not None for _, _, s in sent):
                 # An overflow step drops the block's statistics together (A and G).
-                keep = torch.stack([torch.isfinite(s).all() for _, _, s in sent]).all()
+                keep = torch.stack([precision.all_finite(s) for _, _, s in sent]).all()
                 for index, factor, stat in sent:
                     # A stale statistic's refresh stands for every factor step since the
                     # previous one: the running average decays over all of them.
                     elapsed = self.schedule.elapsed((name, index))
                     factor.update_running(stat, decay**elapsed, keep)
                     # The schedule compares the factor in force (non-finite when dropped).
-                    refreshed[(name, index)] = torch.where(keep, factor.running, stat)
+                    refreshed[(name, index)] = (
+                        torch.where(keep, factor.running, stat)
+                        if self.schedule.adaptive
+                        else factor.running  # only counted
+                    )
                 self.dropped = self.dropped.to(keep.device) + ~keep
             for factor in factors:
                 factor.reset_batch()

@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from . import precision
+
 #: The similarity threshold α of SP-NGD (used in all of its experiments).
 DEFAULT_THRESHOLD = 0.1
 MODES = ("off", "adaptive")
@@ -114,7 +116,7 @@ class StaleStatistics:
                 history = self.stats[key].history
                 for h in (history + [None, None])[:2]:
                     changes.append(_NAN if h is None else relative_change(x, h.to(x.device)))
-                changes.append(torch.isfinite(x).all().double())
+                changes.append(precision.all_finite(x).double())
             values = torch.stack([c.cpu() for c in changes]).view(-1, 3).tolist()
             for (key, x), (last, before, finite) in zip(refreshed.items(), values, strict=True):
                 self._advance(self.stats[key], x, last, before, bool(finite))

@@ -181,3 +181,27 @@ def test_a_small_patch_matrix_is_built_and_multiplied_directly(monkeypatch) -> N
     statistic, _ = Conv2dHandler().input_statistic(conv, bigger, torch.float64)
     torch.testing.assert_close(statistic, _oracle_A(conv, bigger), rtol=1e-12, atol=1e-14)
     assert len(built) == 1  # the patch-free path
+
+
+def test_a_strided_pointwise_convolution_takes_the_rows_path(monkeypatch) -> None:
+    """A 1×1 convolution with stride > 1 (ResNet's downsampling shortcut) has a patch matrix
+    that is a subsample of its input: whatever its size it is built and multiplied directly
+    (one copy, one GEMM), with the oracle's factor; a stride-1 1×1 convolution is not."""
+    built = []
+    original = Conv2dHandler.input_rows
+
+    def counting(self, module, x):
+        built.append(x.shape)
+        return original(self, module, x)
+
+    monkeypatch.setattr(Conv2dHandler, "input_rows", counting)  # small_patch_elements is 0
+    torch.manual_seed(8)
+    x = torch.randn(3, 4, 9, 8, dtype=torch.float64)
+    strided = nn.Conv2d(4, 5, 1, stride=2).double()
+    statistic, _ = Conv2dHandler().input_statistic(strided, x, torch.float64)
+    torch.testing.assert_close(statistic, _oracle_A(strided, x), rtol=1e-12, atol=1e-14)
+    assert len(built) == 1
+    pointwise = nn.Conv2d(4, 5, 1).double()
+    statistic, _ = Conv2dHandler().input_statistic(pointwise, x, torch.float64)
+    torch.testing.assert_close(statistic, _oracle_A(pointwise, x), rtol=1e-12, atol=1e-14)
+    assert len(built) == 1  # the autocorrelation path
