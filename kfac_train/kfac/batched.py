@@ -53,16 +53,6 @@ def _stacked_inverse(grads: torch.Tensor, data: list[torch.Tensor]) -> torch.Ten
 STACKED = {"eigen": _stacked_eigen, "inverse": _stacked_inverse}
 
 
-def _sum_is_finite(batch: torch.Tensor) -> torch.Tensor:
-    """``(k,)`` booleans: whether each item's entries are all finite, read from its sum.
-
-    A non-finite entry always makes the sum non-finite. A finite sum of huge entries may
-    overflow and read as "not finite": the item then takes the exact per-factor path, which
-    is slower but correct, so the shortcut never accepts a bad result.
-    """
-    return torch.isfinite(batch.sum(dim=tuple(range(1, batch.dim()))))
-
-
 def decompose_all(kind: str, requests: Sequence[Request]) -> list[Any]:
     """Run every request, equal sizes batched; one host synchronisation in all.
 
@@ -79,7 +69,7 @@ def decompose_all(kind: str, requests: Sequence[Request]) -> list[Any]:
     for (n, dtype, device), members in groups.items():
         factors = [requests[i][0].to(dtype) for i in members]
         stack = factors[0].unsqueeze(0) if len(factors) == 1 else torch.stack(factors)
-        ok = _sum_is_finite(stack)
+        ok = precision.all_finite(stack, batched=True)
         # A non-finite factor would spoil (or raise for) its whole batch: it is decomposed as
         # the identity instead, and its verdict already says "take the per-factor path".
         eye = torch.eye(n, dtype=dtype, device=device)
@@ -87,7 +77,11 @@ def decompose_all(kind: str, requests: Sequence[Request]) -> list[Any]:
         try:
             if kind == EIGH:
                 d, q = torch.linalg.eigh(stack)
-                ok = ok & _sum_is_finite(d) & _sum_is_finite(q)
+                ok = (
+                    ok
+                    & precision.all_finite(d, batched=True)
+                    & precision.all_finite(q, batched=True)
+                )
                 out: Any = (d.clamp_min(0.0), q)
             else:
                 lams = [requests[i][1] for i in members]
@@ -98,7 +92,7 @@ def decompose_all(kind: str, requests: Sequence[Request]) -> list[Any]:
                 # per-factor path (float64 with jitter).
                 chol, info = torch.linalg.cholesky_ex(stack + lam[:, None, None] * eye)
                 inv = torch.cholesky_inverse(chol)
-                ok = ok & (info == 0) & _sum_is_finite(inv)
+                ok = ok & (info == 0) & precision.all_finite(inv, batched=True)
                 out = inv
         except (RuntimeError, torch.linalg.LinAlgError):
             continue  # the whole group takes the per-factor path

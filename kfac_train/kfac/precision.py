@@ -99,15 +99,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def all_finite(tensor: torch.Tensor) -> torch.Tensor:
+def all_finite(tensor: torch.Tensor, batched: bool = False) -> torch.Tensor:
     """Whether every entry of ``tensor`` is finite, as a 0-d bool tensor on its device (no host
     synchronisation), read from one sum in :func:`compute_dtype`: one pass, no temporaries.
+    ``batched=True``: one verdict per item of the leading dimension, shape ``(k,)``.
 
     A non-finite entry always makes the sum non-finite. Finite entries whose sum overflows
-    (beyond float32's 3.4e38) also read as "not finite": such a statistic is dropped like an
-    overflow, which it is in effect.
+    (beyond float32's 3.4e38) also read as "not finite": a statistic is then dropped like an
+    overflow, which it is in effect, and a decomposition takes the slower exact path.
     """
-    return torch.isfinite(tensor.sum(dtype=compute_dtype(tensor.dtype)))
+    dims = tuple(range(1, tensor.dim())) if batched else None
+    return torch.isfinite(tensor.sum(dim=dims, dtype=compute_dtype(tensor.dtype)))
 
 
 def power_of_two_scale(amax: torch.Tensor) -> torch.Tensor:
