@@ -61,6 +61,17 @@ def test_the_mc_fisher_trains_and_changes_the_preconditioner(tmp_path: Path):
     assert sampled["final_loss"] != empirical["final_loss"]
 
 
+def test_the_mc_fisher_under_bf16_autocast_trains_like_float32(tmp_path: Path):
+    """The sampled losses come from bf16 logits; G is still built in float32 (the capture casts),
+    so a short bf16 run follows the float32 one closely."""
+    steps = ("trainer.max_steps=6", "kfac.fisher=mc")
+    full = short_run(tmp_path / "fp32", *steps)
+    half = short_run(tmp_path / "bf16", *steps, "trainer.precision=bf16")
+    assert half["status"] == "completed" and half["steps"] == 6
+    assert half["final_loss"] == pytest.approx(full["final_loss"], rel=0.02)
+    assert half["final_loss"] != full["final_loss"]  # the bf16 path really ran
+
+
 @pytest.mark.parametrize("task", ["segmentation", "detection", "squad"])
 def test_a_task_without_a_sampling_rule_refuses_the_mc_fisher(task: str):
     config = compose_config([f"task={task}", "kfac.fisher=mc"])

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from kfac_train.config import to_run_config
+from kfac_train.validation import validate
+
+from .conftest import REPO, compose_config
 
 sys.path.insert(0, str(REPO / "scripts"))
 import study_convergence as study  # noqa: E402
@@ -146,3 +149,14 @@ def test_study_kfac_arms_and_recipes_state_their_gradient_scaling() -> None:
     for name in ("small_cnn_64_kfac", "bert_tiny_32_kfac"):
         recipe = yaml.safe_load((REPO / "conf/recipe_optim" / f"{name}.yaml").read_text())
         assert recipe["kfac"]["grad_scaling"] in ("mean", "per_example"), name
+
+
+def test_every_arm_of_every_preset_composes_into_a_valid_run() -> None:
+    for preset in study.STUDIES.values():
+        for arm in preset.arms:
+            for lr in arm.lrs:
+                overrides = [*preset.base, *arm.overrides, f"optim.lr={lr}"]
+                config = to_run_config(compose_config(overrides))
+                validate(config, world_size=1)
+                assert config.optim.lr == lr
+                assert (config.optim.preconditioner == "kfac") == arm.kfac, (preset.name, arm.name)
