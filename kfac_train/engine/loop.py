@@ -412,6 +412,9 @@ class Trainer:
             damping = getattr(p.preconditioner, "current_damping", None)
             if damping is not None:
                 record["kfac"]["damping"] = damping()
+            kl_clip = getattr(p.preconditioner, "kl_clip_summary", None)
+            if kl_clip is not None:  # ν over the window's steps: mean, share scaled down
+                record["kfac"].update(kl_clip())
         self._emit(record)
         self._window_loss = torch.zeros((), device=p.dist.device)
         self._window_logs = {}

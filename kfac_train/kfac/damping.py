@@ -199,9 +199,20 @@ def _at(value: Any, step: int) -> Any:
 class DampingMixin:
     """The preconditioner's damping methods (``KFACPreconditioner`` inherits them). Uses its
     ``adaptive`` (a :class:`DampingController` or ``None``), ``damping``, ``lr``, ``steps``,
-    ``blocks``, ``comm`` and ``last_kl_scale``."""
+    ``blocks``, ``comm`` and ``kl_monitor``."""
 
     adaptive: DampingController | None
+    kl_monitor: Any  # a precondition_phase.KLClipMonitor
+
+    @property
+    def last_kl_scale(self) -> torch.Tensor:
+        """The last step's KL-clip scale ``ν`` (0-d float64; 1 when nothing was clipped)."""
+        return self.kl_monitor.last
+
+    def kl_clip_summary(self) -> dict[str, float]:
+        """Mean ``ν`` and the share of steps the KL clip scaled down, since the last call (for
+        a log line: one host synchronisation); ``{}`` if no step ran since."""
+        return self.kl_monitor.take()
 
     def current_damping(self, step: int | None = None) -> float:
         """The damping in force: the adapted value, or ``damping`` at ``step`` (default: now)."""

@@ -1,7 +1,8 @@
 """Step phases 3 and 5: precondition the held gradients, then clip by KL and write ``.grad``.
 
 Layers with equal shapes are preconditioned together (:class:`.batched.StackedPreconditioner`);
-the KL-clip sum uses one dot product per layer (:func:`.batched.kl_terms`).
+the KL-clip sum uses one dot product per layer (:func:`.batched.kl_terms`); :class:`KLClipMonitor`
+keeps each step's scale and how often the clip acted.
 """
 
 from __future__ import annotations
@@ -51,3 +52,35 @@ def kl_scale(
         return torch.ones((), dtype=torch.float64, device=device)
     vg = kl_terms([(preconditioned[n], g) for n, g in grads.items()]).abs() * lr**2
     return torch.where(vg > 0, torch.sqrt(kl_clip / vg).clamp(max=1.0), torch.ones_like(vg))
+
+
+class KLClipMonitor:
+    """The KL clip's scale ``ν`` of every step, and its totals since the last :meth:`take`.
+
+    ``last`` is the latest ``ν`` (a 0-d float64 tensor). The totals (sum of ``ν``, steps with
+    ``ν < 1``) stay on the device, so a step costs no host synchronisation; :meth:`take` reads
+    them once (for a log line) and starts a new window.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.last = torch.ones((), dtype=torch.float64, device=device)
+        self._totals = torch.zeros(2, dtype=torch.float64, device=device)
+        self._steps = 0
+
+    def add(self, scale: torch.Tensor) -> None:
+        """Record one step's ``ν``."""
+        self.last = scale
+        self._totals += torch.stack([scale, (scale < 1).to(scale.dtype)])
+        self._steps += 1
+
+    def take(self) -> dict[str, float]:
+        """``{"kl_scale_mean": mean ν, "kl_clipped_fraction": share of steps with ν < 1}`` over
+        the steps since the last call (``{}`` if there were none), then a new window."""
+        if self._steps == 0:
+            return {}
+        total, clipped = self._totals.tolist()
+        steps = self._steps
+        summary = {"kl_scale_mean": total / steps, "kl_clipped_fraction": clipped / steps}
+        self._totals.zero_()
+        self._steps = 0
+        return summary

@@ -25,7 +25,7 @@ from .layers import HandlerOptions
 from .memory import memory_bytes, summary
 from .placement import broadcast_preconditioned, update_second_order
 from .precision import check_dtypes
-from .precondition_phase import kl_scale, precondition_all
+from .precondition_phase import KLClipMonitor, kl_scale, precondition_all
 from .reduction import FactorReduction
 from .second_order import EIGEN
 from .sharded import ShardedGrads
@@ -171,7 +171,7 @@ class KFACPreconditioner(DampingMixin):
         self.steps = 0
         self._refresh_factors = self._refresh_second_order = False
         self._arm()
-        self.last_kl_scale = torch.ones((), device=self.reduction.dropped.device)
+        self.kl_monitor = KLClipMonitor(self.reduction.dropped.device)  # ν of every step
         self.adaptive = make_controller(adaptive_damping, resolve(damping, 0))  # or None
         self._stacker = StackedPreconditioner()
         #: async_inverse: data of inverse-update step t computed aside, installed at t + delay
@@ -244,8 +244,8 @@ class KFACPreconditioner(DampingMixin):
         if not present:
             return
         lr, kl_clip = float(resolve(self.lr, step)), resolve(self.kl_clip, step)
-        scale = kl_scale(preconditioned, present, kl_clip, lr, self.last_kl_scale.device)
-        self.last_kl_scale = scale
+        scale = kl_scale(preconditioned, present, kl_clip, lr, self.kl_monitor.last.device)
+        self.kl_monitor.add(scale)
         for name in present:
             V = preconditioned[name]
             self.blocks[name].write_grad(V * scale.to(V.dtype))

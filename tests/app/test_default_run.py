@@ -33,6 +33,11 @@ def test_the_default_run_reaches_97_percent_test_accuracy_and_writes_its_outputs
     for key in ("step", "epoch", "samples", "lr", "loss", "step_time", "kfac"):
         assert key in train_records[0], key
     assert train_records[-1]["loss"] < train_records[0]["loss"] / 5
+    for record in train_records:  # the KL clip over each log window
+        kl = record["kfac"]
+        assert 0 < kl["kl_scale_mean"] <= 1 and 0 <= kl["kl_clipped_fraction"] <= 1
+        assert (kl["kl_scale_mean"] < 1) == (kl["kl_clipped_fraction"] > 0)
+    assert any(r["kfac"]["kl_clipped_fraction"] > 0 for r in train_records)  # recipe: 0.001
     assert train_records[-1]["samples"] == summary["steps"] * 64
     assert (tmp_path / "config.yaml").read_text().startswith("model:")
     checkpoints = sorted((tmp_path / "checkpoints").glob("step_*.pt"))

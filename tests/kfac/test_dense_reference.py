@@ -175,6 +175,7 @@ def test_kl_clip_scales_every_layer_by_the_same_nu(method: str) -> None:
 
     assert pre.layer_names == ["conv", "head"]
     assert float(pre.last_kl_scale) == pytest.approx(nu, rel=1e-9)
+    assert pre.kl_clip_summary() == pytest.approx({"kl_scale_mean": nu, "kl_clipped_fraction": 1})
     for name in ("conv", "head"):
         actual = oracle.gradient_matrix(getattr(model, name))
         assert oracle.relative_error(actual, nu * preconditioned[name]) < TOLERANCE
@@ -190,6 +191,7 @@ def test_kl_clip_off_or_loose_leaves_the_preconditioned_gradient_unscaled(kl_cli
     run_backward(model)
     pre.step()
     assert float(pre.last_kl_scale) == 1.0
+    assert pre.kl_clip_summary() == {"kl_scale_mean": 1.0, "kl_clipped_fraction": 0.0}
     for name in ("conv", "head"):
         expected = oracle.eigen_preconditioned(*factors[name], grads[name], damping)
         actual = oracle.gradient_matrix(getattr(model, name))

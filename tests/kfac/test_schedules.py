@@ -99,6 +99,13 @@ def _run_and_compare(pre_kwargs: dict, schedule: dict, num_steps: int, method: s
         kl_scales.append(nu)
         optimizer.step()
 
+    # The log-window summary: the mean ν over the steps and the share the clip scaled down.
+    window = pre.kl_clip_summary()
+    assert window["kl_scale_mean"] == pytest.approx(sum(kl_scales) / num_steps, rel=1e-9)
+    clipped = sum(nu < 1 for nu in kl_scales) / num_steps
+    assert window["kl_clipped_fraction"] == pytest.approx(clipped)
+    assert pre.kl_clip_summary() == {}  # a new window starts empty
+
     A, G = reference.in_force["0"]
     oracle.assert_sensitive_to_both_factors(
         method, A, G, grads["0"], schedule["damping"](num_steps - 1)
