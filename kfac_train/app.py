@@ -21,6 +21,7 @@ from torch import nn
 
 from kfac_train.config import RunConfig, to_run_config
 from kfac_train.context import BuildContext
+from kfac_train.data.base import DataBundle
 from kfac_train.distributed import DistInfo, broadcast_object, init_distributed, teardown
 from kfac_train.engine.batching import plan_batches
 from kfac_train.engine.loop import Components, Trainer
@@ -73,6 +74,18 @@ def total_training_steps(config: RunConfig, steps_per_epoch: int) -> int:
     return total
 
 
+def check_input_channels(config: RunConfig, data: DataBundle) -> None:
+    """A one-line error when the data's images have another channel count than the model takes
+    (``model.in_channels``), before the first forward would fail with a shape error."""
+    wanted = getattr(config.model, "in_channels", None)
+    have = data.image_channels
+    if wanted is not None and have is not None and wanted != have:
+        raise UserError(
+            f"model.in_channels={wanted}, but data={config.data.name} has {have}-channel "
+            f"images: add model.in_channels={have}"
+        )
+
+
 def prepare_model(module: nn.Module, config: RunConfig, dist_info: DistInfo) -> nn.Module:
     """Move to the device (channels-last if asked); wrap in DDP, or shard with FSDP2
     (`trainer.parallelism=fsdp`), for several ranks."""
@@ -116,6 +129,7 @@ def _train(config: RunConfig, cfg: DictConfig | RunConfig, dist_info: DistInfo) 
     ctx = ctx.with_task(task)
     data = DATA.build(config.data.name, config.data, ctx)
     task.set_eval_info(data.eval_info)
+    check_input_channels(config, data)
     module = MODELS.build(config.model.name, config.model, ctx)
     wrapped = prepare_model(module, config, dist_info)
 

@@ -51,12 +51,16 @@ class DataBundle:
         eval_info: facts about the evaluation set the task needs besides the batches (handed to
             `Task.set_eval_info`), e.g. ``{"coco_ground_truth": COCO}``. Builders return them
             here instead of changing the task.
+        image_channels: channels of the input images, for image datasets whose channel count is
+            fixed by the data (the app refuses a model with another ``model.in_channels`` in one
+            line); None where the data follows the model (synthetic) or holds no images.
     """
 
     train: EpochLoader
     eval: Iterable[Any] | None
     num_train_samples: int
     eval_info: dict[str, Any] = field(default_factory=dict)
+    image_channels: int | None = None
 
 
 def require_dir(path: str | None, key: str = "data.root", example: str = "/path/to/data") -> str:

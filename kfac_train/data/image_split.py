@@ -70,4 +70,5 @@ def split_bundle(
         train=make_train_loader(training, ctx, num_workers=num_workers),
         eval=make_eval_loader(test, ctx, batch_size=256),
         num_train_samples=len(train),
+        image_channels=train.tensors[0].shape[1],
     )

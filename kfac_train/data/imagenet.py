@@ -356,4 +356,6 @@ def build_imagenet(cfg: ImageNetDataConfig, ctx: BuildContext) -> DataBundle:
             persistent_workers=True,
         ),
     )
-    return DataBundle(train=train_loader, eval=eval_loader, num_train_samples=len(train))
+    return DataBundle(
+        train=train_loader, eval=eval_loader, num_train_samples=len(train), image_channels=3
+    )

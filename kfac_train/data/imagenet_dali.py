@@ -347,4 +347,4 @@ def build_imagenet_dali(cfg: ImageNetDALIDataConfig, ctx: BuildContext) -> DataB
     )
     assert train.steps_per_epoch is not None
     num_train = train.steps_per_epoch * ctx.micro_batch * ctx.dist.world_size
-    return DataBundle(train=train, eval=evaluation, num_train_samples=num_train)
+    return DataBundle(train=train, eval=evaluation, num_train_samples=num_train, image_channels=3)

@@ -15,6 +15,7 @@ ResNet-20 on it: ``model=resnet20 model.in_channels=1 model.image_size=28 data=m
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -57,22 +58,25 @@ def bundled_path() -> Path:
 def load_mnist5k(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images (N, 1, 28, 28) float32 in 0..255, labels (N,) int64)`` from the CSV at `path`;
     a one-line `UserError` naming the file for a missing, unreadable or malformed one."""
+    where = f"MNIST-5k file {str(path)!r}"
     if not path.is_file():
-        raise UserError(f"data.path={str(path)!r}: no such file (a CSV of 784 pixels + label)")
+        raise UserError(f"{where}: no such file; set data.path to a CSV of 784 pixels + label")
     try:
-        table = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
+        with warnings.catch_warnings():  # an empty file is reported below, in one line
+            warnings.simplefilter("ignore", UserWarning)
+            table = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
     except (ValueError, OSError, EOFError) as error:
-        raise UserError(f"data.path={str(path)!r}: not a numeric CSV ({error})") from None
-    if table.shape[1] != SIDE * SIDE + 1:
+        raise UserError(f"{where}: not a numeric CSV ({error})") from None
+    if table.shape[0] == 0 or table.shape[1] != SIDE * SIDE + 1:
         raise UserError(
-            f"data.path={str(path)!r}: rows have {table.shape[1]} values, expected "
+            f"{where}: {table.shape[0]} rows of {table.shape[1]} values, expected rows of "
             f"{SIDE * SIDE + 1} (784 pixels, then the label)"
         )
     pixels, labels = table[:, :-1], table[:, -1]
     if pixels.min() < 0 or pixels.max() > 255:
-        raise UserError(f"data.path={str(path)!r}: pixel values must lie in 0..255")
+        raise UserError(f"{where}: pixel values must lie in 0..255")
     if not np.array_equal(labels, np.round(labels)) or labels.min() < 0 or labels.max() >= CLASSES:
-        raise UserError(f"data.path={str(path)!r}: labels must be integers 0..{CLASSES - 1}")
+        raise UserError(f"{where}: labels must be integers 0..{CLASSES - 1}")
     images = torch.from_numpy(pixels).reshape(-1, 1, SIDE, SIDE)
     return images, torch.from_numpy(labels).to(torch.int64)
 

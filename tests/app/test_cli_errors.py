@@ -17,6 +17,8 @@ CASES = {
     "typo_key": ["trainer.max_step=3"],
     "wrong_type": ["trainer.max_steps=many"],
     "corrupt_checkpoint": ["checkpoint.resume={tmp}/corrupt.pt"],
+    "channels_mismatch": ["model=resnet20", "data=mnist5k", "trainer.max_steps=1"],
+    "missing_csv": ["data=mnist5k", "data.path={tmp}/absent.csv", "trainer.max_steps=1"],
 }
 
 
@@ -88,3 +90,14 @@ def test_a_typo_or_a_wrong_type_is_rejected_by_hydra(outcomes, case):
 def test_a_corrupt_checkpoint_is_named(outcomes):
     line = one_line_error(outcomes["corrupt_checkpoint"])
     assert "corrupt.pt" in line and "checkpoint" in line
+
+
+def test_a_model_taking_rgb_on_grayscale_digits_names_the_fix(outcomes):
+    line = one_line_error(outcomes["channels_mismatch"])
+    assert "model.in_channels=3" in line and "1-channel" in line
+    assert "add model.in_channels=1" in line
+
+
+def test_a_missing_mnist5k_csv_is_named(outcomes):
+    line = one_line_error(outcomes["missing_csv"])
+    assert "absent.csv" in line and "no such file" in line

