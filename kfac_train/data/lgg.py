@@ -307,4 +307,5 @@ def build_lgg(cfg: LggDataConfig, ctx: BuildContext) -> DataBundle:
         eval=make_eval_loader(val, ctx, num_workers=cfg.num_workers),
         num_train_samples=len(train),
         eval_info={"num_eval_volumes": val.num_volumes},
+        image_channels=3,  # _read_slice: (H, W, 3) images, grayscale slices repeated
     )

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from kfac_train.app import train
+from kfac_train.errors import UserError
 
 from .helpers import QUIET, compose_run, records
 
@@ -60,3 +63,20 @@ def test_unet_runs_on_synthetic_slices_for_smoke_and_throughput_runs(tmp_path):
     summary = train(config)
     assert summary["status"] == "completed" and summary["steps"] == 2
     assert 0.0 <= summary["metrics"]["dice"] <= 1.0
+
+
+def test_a_unet_expecting_one_channel_on_the_three_channel_slices_names_the_fix(
+    lgg_root: Path, tmp_path
+):
+    config = compose_run(
+        "model=unet",
+        f"data.root={lgg_root}",
+        "data.num_val_patients=2",
+        "model.in_channels=1",
+        "model.image_size=32",
+        "trainer.max_steps=1",
+        f"output_dir={tmp_path}",
+        *QUIET,
+    )
+    with pytest.raises(UserError, match="model.in_channels=1, but data=lgg has 3-channel images"):
+        train(config)
