@@ -26,7 +26,9 @@ Memory (`--memory`, CPU): after the timed steps, one untimed step of SGD and one
 step of each (10, 100) configuration run under a `TorchDispatchMode` that follows every storage
 an operator creates (views of operands excluded) until it is freed; the peak of the live bytes
 over the step (forward, backward with K-FAC's hooks, `pre.step()`, `optimizer.step()`) is
-reported with its ratio to SGD's. `--patch-matrix` adds the (10, 100) configurations again with
+reported with its ratio to SGD's. `--bf16-kfac` adds the eigen configurations again with
+second-order data and preconditioning products in bfloat16 (factor statistics and the model stay
+float32). `--patch-matrix` adds the (10, 100) configurations again with
 the Conv2d input factor formed from the full patch matrix (the path before `conv_stats`), for a
 before/after in one process.
 """
@@ -62,6 +64,9 @@ KFAC_HYPERPARAMETERS = {
     "grad_scaling": "mean",
 }
 INTERVALS = {"1/1": (1, 1), "10/100": (10, 100)}
+#: ``--bf16-kfac``: the K-FAC dtype options set to bfloat16 (docs/kfac.md, "Low precision"):
+#: second-order data and preconditioning products; factor statistics stay float32 (exact).
+BF16_KFAC_OPTIONS = ("inv_dtype", "precondition_dtype")
 PHASES = ("forward+backward", "pre.step", "optimizer.step")
 
 
@@ -102,6 +107,14 @@ class Configuration:
     intervals: tuple[int, int] = (1, 1)
     patch_matrix: bool = False  # Conv2d input factor from the materialised patch matrix
     async_inverse: bool = False
+    bf16_kfac: bool = False  # second-order data and preconditioning products in bf16
+
+    @property
+    def dtypes(self) -> dict[str, torch.dtype]:
+        """The K-FAC dtype options of this configuration (none: the float32 defaults)."""
+        if not self.bf16_kfac:
+            return {}
+        return {name: torch.bfloat16 for name in BF16_KFAC_OPTIONS}
 
 
 class PatchMatrixConv2d(Conv2dHandler):
@@ -187,6 +200,27 @@ def configurations() -> list[Configuration]:
     return configs
 
 
+def bf16_kfac_configurations() -> list[Configuration]:
+    """``--bf16-kfac``: the eigen configurations again with second-order data and
+    preconditioning products in bfloat16 (float32 accumulation); factors and model float32.
+    (bfloat16 products with the inverse method are refused: docs/kfac.md, "Low precision".)"""
+    return [
+        Configuration(f"{c.name} bf16", c.compute_method, c.intervals, bf16_kfac=True)
+        for c in configurations()
+        if c.compute_method == "eigen"
+    ]
+
+
+def all_configurations() -> list[Configuration]:
+    """Every configuration any option can add, for lookups by name."""
+    return (
+        configurations()
+        + bf16_kfac_configurations()
+        + patch_matrix_configurations()
+        + async_configurations()
+    )
+
+
 def patch_matrix_configurations() -> list[Configuration]:
     """The (10, 100) configurations with the Conv2d factor from the patch matrix."""
     return [
@@ -261,6 +295,12 @@ def parse_args() -> argparse.Namespace:
         help="add (10, 100) configurations with async_inverse=True (see async_configurations)",
     )
     parser.add_argument(
+        "--bf16-kfac",
+        action="store_true",
+        help="add the eigen configurations with inv_dtype and precondition_dtype bfloat16 "
+        "(see bf16_kfac_configurations)",
+    )
+    parser.add_argument(
         "--profile-steps", type=int, default=20, help="steps (after warm-up) under --profile"
     )
     parser.add_argument(
@@ -327,6 +367,7 @@ class Runner:
                 inv_update_steps=inverse_every,
                 compute_method=config.compute_method,
                 **({"async_inverse": True} if config.async_inverse else {}),
+                **config.dtypes,
                 **KFAC_HYPERPARAMETERS,
             )
             if config.patch_matrix:
@@ -413,14 +454,15 @@ def run_interleaved(runners: list[Runner]) -> list[Result]:
 
 def format_results(results: list[Result]) -> str:
     sgd = results[0]
+    width = max(15, *(len(r.configuration.name) for r in results))
     header = (
-        f"{'configuration':<15} {'steps':>5} {'median ms':>9} {'x SGD':>6} "
+        f"{'configuration':<{width}} {'steps':>5} {'median ms':>9} {'x SGD':>6} "
         f"{'amortised ms':>12} {'x SGD':>6} {'mean ms':>8} {'x SGD':>6} {'K-FAC state MB':>14}"
     )
     rows = [header, "-" * len(header)]
     for r in results:
         rows.append(
-            f"{r.configuration.name:<15} {len(r.step_seconds):>5} {r.median * 1e3:>9.1f} "
+            f"{r.configuration.name:<{width}} {len(r.step_seconds):>5} {r.median * 1e3:>9.1f} "
             f"{r.median / sgd.median:>6.2f} {r.amortised * 1e3:>12.1f} "
             f"{r.amortised / sgd.amortised:>6.2f} {r.mean * 1e3:>8.1f} "
             f"{r.mean / sgd.mean:>6.2f} {r.memory_bytes / MB:>14.2f}"
@@ -461,7 +503,7 @@ def format_memory(results: list[Result]) -> str:
 def profile(spec: str, args: argparse.Namespace, device: torch.device) -> None:
     """Print torch.profiler's top operators (self CPU time) for one configuration."""
     model_name, _, config_name = spec.partition(":")
-    by_name = {c.name: c for c in configurations()}
+    by_name = {c.name: c for c in all_configurations()}
     if model_name not in WORKLOADS or config_name not in by_name:
         raise SystemExit(
             f"--profile={spec!r}: use MODEL:CONFIG with MODEL in "
@@ -499,6 +541,7 @@ def main() -> None:
         runners = []
         extra = patch_matrix_configurations() if args.patch_matrix else []
         extra += async_configurations() if args.async_inverse else []
+        extra += bf16_kfac_configurations() if args.bf16_kfac else []
         for config in configurations() + extra:
             dense = config.compute_method is not None and config.intervals == (1, 1)
             num_steps = args.dense_steps if dense else args.steps

@@ -35,6 +35,10 @@ import bench_kfac  # noqa: E402  (the sibling script: models, runner, timing)
 
 IMPLEMENTATIONS = ("ours", "peer")
 CONFIGS = ("eigen 1/1", "eigen 10/100", "inverse 1/1", "inverse 10/100")
+#: ``--configs`` may also name the eigen bfloat16 variants ("eigen 10/100 bf16"): ours with
+#: inv_dtype and precondition_dtype bfloat16, the peer with inv_dtype bfloat16 (its
+#: preconditioning products run in inv_dtype, so the work is the same); float32 factors in both.
+BF16_CONFIGS = tuple(f"{name} bf16" for name in CONFIGS if name.startswith("eigen"))
 
 
 def peer_available() -> bool:
@@ -50,6 +54,8 @@ def _peer_preconditioner(model, config: bench_kfac.Configuration):
     hyper = dict(bench_kfac.KFAC_HYPERPARAMETERS)
     hyper.pop("conv_factor", None)
     hyper.pop("grad_scaling", None)  # the peer has only the "mean" convention
+    if config.bf16_kfac:
+        hyper.update(inv_dtype=torch.bfloat16)
     return PeerPreconditioner(
         model,
         # The peer folds its factors in the backward hook by default; here it folds them in
@@ -66,7 +72,7 @@ def worker(model_name: str, config_name: str, implementation: str, args) -> dict
     """Run SGD and one K-FAC configuration interleaved; return the figures as a dict."""
     torch.set_num_threads(args.threads)
     workload = bench_kfac.WORKLOADS[model_name]
-    config = {c.name: c for c in bench_kfac.configurations()}[config_name]
+    config = {c.name: c for c in bench_kfac.all_configurations()}[config_name]
     device = torch.device("cpu")
     steps = args.dense_steps if config.intervals == (1, 1) else args.steps
     sgd = bench_kfac.Runner(workload, bench_kfac.configurations()[0], args.steps, 2, device)
@@ -112,7 +118,7 @@ def parent(args) -> None:
                     figures.setdefault(key, []).append(json.loads(out.stdout.splitlines()[-1]))
     print(f"medians over {args.rounds} round(s), {args.threads} CPU thread(s)")
     print(
-        f"{'model':<9} {'config':<15} {'ours xSGD':>9} {'peer xSGD':>9} "
+        f"{'model':<9} {'config':<19} {'ours xSGD':>9} {'peer xSGD':>9} "
         f"{'overhead ms ours/peer':>22} {'peer/ours':>9}  pre.step ms by kind (ours/peer)"
     )
     for model_name in args.models:
@@ -132,7 +138,7 @@ def parent(args) -> None:
                 for k in med["ours"][2]
             )
             print(
-                f"{model_name:<9} {config_name:<15} {med['ours'][0]:>9.2f} {med['peer'][0]:>9.2f} "
+                f"{model_name:<9} {config_name:<19} {med['ours'][0]:>9.2f} {med['peer'][0]:>9.2f} "
                 f"{med['ours'][1]:>10.0f}/{med['peer'][1]:<11.0f} "
                 f"{med['peer'][1] / med['ours'][1]:>9.2f}  {phases}"
             )
@@ -141,7 +147,9 @@ def parent(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="resnet20,mlp")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"from {CONFIGS}")
+    parser.add_argument(
+        "--configs", default=",".join(CONFIGS), help=f"from {CONFIGS + BF16_CONFIGS}"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=100, help="SGD and (10, 100) steps")
     parser.add_argument("--dense-steps", type=int, default=8, help="(1, 1) steps")
@@ -150,6 +158,9 @@ def main() -> None:
     args = parser.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     args.configs = [c for c in args.configs.split(",") if c]
+    unknown = sorted(set(args.configs) - set(CONFIGS + BF16_CONFIGS))
+    if unknown:
+        parser.error(f"--configs: unknown {unknown}; choose from {CONFIGS + BF16_CONFIGS}")
     if args.worker:
         print(json.dumps(worker(*args.worker, args)))
         return

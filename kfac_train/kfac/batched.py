@@ -8,7 +8,8 @@
   (float64 retry with jitter, warnings, fallback), so failures behave exactly as before.
 * :class:`StackedPreconditioner` — layers whose second-order data have equal shapes are
   preconditioned together with batched matrix products; the stacked data (already in the
-  compute dtype) is built once when the second-order data changes, not on every step.
+  products' dtype, :func:`.precision.product_dtype`) is built once when the second-order data
+  changes, not on every step.
 * :func:`kl_terms` — the KL-clip sum ``Σ_l ⟨V_l, ∇_l⟩`` from one dot product per layer, without
   float64 copies of the gradients.
 
@@ -123,10 +124,11 @@ class StackedPreconditioner:
     """Preconditions groups of layers with equal shapes by batched products.
 
     A group is the layers whose method has the same kind, the same second-order shapes and
-    dtype and whose gradients share a dtype; members of a group of one, and large layers
-    (:data:`STACK_MAX_ENTRIES`), use their method's own :meth:`precondition`. The stacked data
-    is cached and rebuilt when any member's tensors change (new tensors, or an in-place write
-    such as a broadcast into them, detected by the tensors' version counters).
+    dtype and the same products' dtype, and whose gradients share a dtype; members of a group
+    of one, and large layers (:data:`STACK_MAX_ENTRIES`), use their method's own
+    :meth:`precondition`. The stacked data is cached and rebuilt when any member's tensors
+    change (new tensors, or an in-place write such as a broadcast into them, detected by the
+    tensors' version counters).
     """
 
     def __init__(self) -> None:
@@ -134,8 +136,10 @@ class StackedPreconditioner:
 
     @staticmethod
     def _stackable(method: Any) -> bool:
-        return getattr(method, "name", None) in STACKED and (
-            method.a * method.a + method.g * method.g <= STACK_MAX_ENTRIES
+        return (
+            getattr(method, "stackable", False)
+            and method.name in STACKED
+            and (method.a * method.a + method.g * method.g <= STACK_MAX_ENTRIES)
         )
 
     def _stacked(self, key: tuple, methods: list[Any], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -161,15 +165,15 @@ class StackedPreconditioner:
                 out[name] = method.precondition(grad)
                 continue
             shapes = tuple(tuple(t.shape) for t in method.tensors)
-            key = (type(method), shapes, method.dtype, grad.dtype, grad.device)
+            dtype = precision.product_dtype(grad.dtype, method.precondition_dtype)
+            key = (type(method), shapes, method.dtype, grad.dtype, grad.device, dtype)
             groups.setdefault(key, []).append(name)
         for key, names in groups.items():
             methods = [work[n][0] for n in names]
             if len(names) == 1:
                 out[names[0]] = methods[0].precondition(work[names[0]][1])
                 continue
-            grad_dtype = key[3]
-            dtype = precision.compute_dtype(grad_dtype)
+            grad_dtype, dtype = key[3], key[5]
             data = self._stacked(key + (tuple(names),), methods, dtype)
             grads = torch.stack([work[n][1].to(dtype) for n in names])
             V = STACKED[methods[0].name](grads, data)

@@ -31,7 +31,7 @@ from . import linalg, precision
 from .factors import Factor
 from .kfac_layer import KFACLayer
 from .layers import HandlerOptions, register_handler
-from .second_order import EIGEN, INVERSE, EigenMethod, InverseMethod, Parts, SecondOrderMethod
+from .second_order import EIGEN, INVERSE, EigenMethod, InverseMethod, Parts
 
 
 def _decomposition_dtype(factor: torch.Tensor) -> torch.dtype:
@@ -41,6 +41,8 @@ def _decomposition_dtype(factor: torch.Tensor) -> torch.dtype:
 class DiagonalEigenMethod(EigenMethod):
     """The eigen method with a diagonal ``A`` (``(a,)``): tensors ``Q_G`` ``(g, g)`` and
     ``recip`` ``(g, a)``; ``Q_A = I`` is implicit."""
+
+    stackable = False  # no dense Q_A / A_inv: preconditioned by its own method
 
     keys = ("Q_G", "recip")
 
@@ -98,7 +100,7 @@ class DiagonalEigenMethod(EigenMethod):
 
     def precondition(self, grad: torch.Tensor) -> torch.Tensor:
         Q_G, recip = self.tensors
-        dtype = precision.compute_dtype(grad.dtype)
+        dtype = precision.product_dtype(grad.dtype, self.precondition_dtype)
         Q_G, recip = Q_G.to(dtype), recip.to(dtype)
         V = Q_G @ ((Q_G.T @ grad.to(dtype)) * recip)
         return precision.to_finite(V, grad.dtype)
@@ -107,6 +109,8 @@ class DiagonalEigenMethod(EigenMethod):
 class DiagonalInverseMethod(InverseMethod):
     """The inverse method with a diagonal ``A``: tensors ``A_inv`` ``(a,)`` (the diagonal of
     ``(A + λ_A I)⁻¹``) and ``G_inv`` ``(g, g)``."""
+
+    stackable = False  # no dense Q_A / A_inv: preconditioned by its own method
 
     def shapes(self) -> list[tuple[int, ...]]:
         return [(self.a,), (self.g, self.g)]
@@ -134,7 +138,7 @@ class DiagonalInverseMethod(InverseMethod):
 
     def precondition(self, grad: torch.Tensor) -> torch.Tensor:
         A_inv, G_inv = self.tensors
-        dtype = precision.compute_dtype(grad.dtype)
+        dtype = precision.product_dtype(grad.dtype, self.precondition_dtype)
         V = (G_inv.to(dtype) @ grad.to(dtype)) * A_inv.to(dtype)
         return precision.to_finite(V, grad.dtype)
 
@@ -144,18 +148,11 @@ class EmbeddingLayer(KFACLayer):
     the ``(V,)`` diagonal, ``G`` is ``D × D``, the gradient is ``(D, V)`` (``∇Wᵀ``)."""
 
     diagonal_input = True
+    method_classes = {EIGEN: DiagonalEigenMethod, INVERSE: DiagonalInverseMethod}
 
     def _input_factor(self, a: int, options: HandlerOptions, device: torch.device) -> Factor:
         identity = torch.ones(a, dtype=torch.float64, device=device)
         return Factor(a, options.factor_dtype, device, initial=identity)
-
-    def _make_method(
-        self, options: HandlerOptions, a: int, g: int, device: torch.device
-    ) -> SecondOrderMethod:
-        classes = {EIGEN: DiagonalEigenMethod, INVERSE: DiagonalInverseMethod}
-        return classes[options.compute_method](
-            self.name, a, g, options.inv_dtype, device, options.warner, options.factored_damping
-        )
 
     def accumulate_input(self, x: torch.Tensor, scale: float = 1.0) -> None:
         """Add ``scale · diag(count_v / N)`` of the micro-batch's ``N`` token ids ``x``."""

@@ -30,7 +30,7 @@ from .layers import (
     per_example_scales,
 )
 from .precision import LOW_PRECISION, gram_mean
-from .second_order import SecondOrderMethod, make_method
+from .second_order import METHODS, SecondOrderMethod
 
 GradCallback = Callable[[torch.Tensor, "torch.Tensor | float"], None]
 
@@ -70,12 +70,14 @@ class KFACLayer:
         """``A``: a dense ``a × a`` factor here (subclasses may store it otherwise)."""
         return Factor(a, options.factor_dtype, device)
 
+    #: Second-order method classes by ``compute_method`` (subclasses may use others).
+    method_classes: dict[str, type[SecondOrderMethod]] = METHODS
+
     def _make_method(
         self, options: HandlerOptions, a: int, g: int, device: torch.device
     ) -> SecondOrderMethod:
         """The second-order method object of the option ``compute_method``."""
-        return make_method(
-            options.compute_method,
+        return self.method_classes[options.compute_method](
             self.name,
             a,
             g,
@@ -83,6 +85,7 @@ class KFACLayer:
             device,
             options.warner,
             options.factored_damping,
+            options.precondition_dtype,
         )
 
     def factors(self) -> tuple[Factor, ...]:

@@ -37,6 +37,7 @@ class HandlerOptions:
 
     factor_dtype: Any  # torch.dtype
     inv_dtype: Any  # torch.dtype
+    precondition_dtype: Any = None  # torch.dtype of the preconditioning products; None: float32+
     compute_method: str = "eigen"
     factored_damping: bool = False
     conv_factor: str = "patches"

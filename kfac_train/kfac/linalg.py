@@ -139,21 +139,29 @@ def eigen_reciprocal(
 
 
 def precondition_eigen(
-    grad: torch.Tensor, Q_A: torch.Tensor, Q_G: torch.Tensor, recip: torch.Tensor
+    grad: torch.Tensor,
+    Q_A: torch.Tensor,
+    Q_G: torch.Tensor,
+    recip: torch.Tensor,
+    precondition_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``V = Q_G [(Q_Gᵀ grad Q_A) ⊙ recip] Q_Aᵀ`` in ``grad.dtype``, computed in float32 or
-    better (:func:`precision.compute_dtype`) and clamped to ``grad.dtype``'s finite range."""
-    dtype = precision.compute_dtype(grad.dtype)
+    """``V = Q_G [(Q_Gᵀ grad Q_A) ⊙ recip] Q_Aᵀ`` in ``grad.dtype``, computed in
+    ``precondition_dtype`` or else float32 or better (:func:`precision.product_dtype`) and
+    clamped to ``grad.dtype``'s finite range."""
+    dtype = precision.product_dtype(grad.dtype, precondition_dtype)
     Q_A, Q_G, recip = Q_A.to(dtype), Q_G.to(dtype), recip.to(dtype)
     V = Q_G @ ((Q_G.T @ grad.to(dtype) @ Q_A) * recip) @ Q_A.T
     return precision.to_finite(V, grad.dtype)
 
 
 def precondition_inverse(
-    grad: torch.Tensor, A_inv: torch.Tensor, G_inv: torch.Tensor
+    grad: torch.Tensor,
+    A_inv: torch.Tensor,
+    G_inv: torch.Tensor,
+    precondition_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``V = (G + λI)⁻¹ grad (A + λI)⁻¹`` given the damped inverses (computed and returned like
     :func:`precondition_eigen`)."""
-    dtype = precision.compute_dtype(grad.dtype)
+    dtype = precision.product_dtype(grad.dtype, precondition_dtype)
     V = G_inv.to(dtype) @ grad.to(dtype) @ A_inv.to(dtype)
     return precision.to_finite(V, grad.dtype)

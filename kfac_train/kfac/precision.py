@@ -15,11 +15,22 @@ Three options choose a dtype (``docs/kfac.md``, "Low precision"):
   ``λ < 1/65504`` the reciprocal would otherwise overflow to inf. float16 with
   ``compute_method="inverse"`` and ``factored_damping`` is refused: the π-split puts one inverse
   above and the other below float16's range.
+* ``precondition_dtype``: the dtype the preconditioning products (``Q_Gᵀ ∇ Q_A`` and back, or
+  ``G⁻¹ ∇ A⁻¹``) run in. ``None`` (the default) is float32 or better (:func:`compute_dtype`).
+  bfloat16 multiplies bfloat16 operands with float32 accumulation: 4-5x the float32 rate on
+  CPUs with AVX512-BF16/AMX and on tensor-core GPUs, at a relative error in the preconditioned
+  gradient of 1-3% with the eigen method (1.5x that of storing the data in bfloat16 alone;
+  ``docs/kfac.md``). Pair it with ``inv_dtype=bfloat16``, so the data is multiplied as stored,
+  not cast every step. Refused: float16, whose range the products' operands leave (``G`` about
+  1e-19 under the "mean" convention, ``1/λ`` up to 1e8), and bfloat16 with
+  ``compute_method="inverse"``, whose second damped inverse amplifies the rounding of the first
+  product (5-50% error at damping 0.01).
 * ``comm_dtype``: the dtype of the factor all-reduce. float16 is refused: factors span far more
   than float16's range and a common scale would cost an extra collective; bfloat16 moves the same
   bytes with float32's range. ``None`` follows ``factor_dtype`` (bfloat16 for float16 factors).
 
-Preconditioning itself runs in float32 or better (:func:`compute_dtype`).
+Preconditioning runs in float32 or better (:func:`compute_dtype`) unless ``precondition_dtype``
+says otherwise (:func:`product_dtype`).
 """
 
 from __future__ import annotations
@@ -51,15 +62,26 @@ def dtype_problem(
     compute_method: str = "eigen",
     factored_damping: bool = False,
 ) -> str | None:
-    """Why ``dtype`` cannot be used for ``option`` (``factor_dtype``, ``inv_dtype`` or
-    ``comm_dtype``), with the safe choice, or ``None`` when it can. The text completes a line
-    that starts with ``"<option>=<dtype>: "``."""
+    """Why ``dtype`` cannot be used for ``option`` (``factor_dtype``, ``inv_dtype``,
+    ``precondition_dtype`` or ``comm_dtype``), with the safe choice, or ``None`` when it can.
+    The text completes a line that starts with ``"<option>=<dtype>: "``."""
     if dtype not in DTYPES.values():
         return f"choose one of {', '.join(DTYPES)}"
     if option == "comm_dtype" and dtype == torch.float16:
         return (
             "factors span far more than float16's range (a convolution's G is about 1e-19) and "
             "would underflow to zero; use bfloat16 (the same bytes, float32's range)"
+        )
+    if option == "precondition_dtype" and dtype == torch.float16:
+        return (
+            "the products' operands (G about 1e-19 under the mean convention, 1/damping up to "
+            "1e8) leave float16's range; use bfloat16 (float32's range) or float32"
+        )
+    if option == "precondition_dtype" and dtype == torch.bfloat16 and compute_method == "inverse":
+        return (
+            "with compute_method=inverse the rounded product (G + damping I)^-1 grad is amplified "
+            "by the other damped inverse (errors of 5-50% measured at damping 0.01); use "
+            "compute_method=eigen (1-3%) or float32"
         )
     if (
         option == "inv_dtype"
@@ -97,6 +119,12 @@ def default_comm_dtype(factor_dtype: torch.dtype) -> torch.dtype:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype arithmetic on ``dtype`` data runs in: float32 or better."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def product_dtype(grad_dtype: torch.dtype, precondition_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype the preconditioning products of a ``grad_dtype`` gradient run in:
+    ``precondition_dtype`` when set, else float32 or better (:func:`compute_dtype`)."""
+    return precondition_dtype or compute_dtype(grad_dtype)
 
 
 def all_finite(tensor: torch.Tensor, batched: bool = False) -> torch.Tensor:
@@ -160,13 +188,16 @@ def check_dtypes(
     factor_dtype: torch.dtype,
     inv_dtype: torch.dtype,
     comm_dtype: torch.dtype | None,
+    precondition_dtype: torch.dtype | None,
     compute_method: str,
     factored_damping: bool,
 ) -> torch.dtype:
-    """Validate the preconditioner's three dtype options; return the comm dtype in force."""
+    """Validate the preconditioner's dtype options; return the comm dtype in force."""
     context = {"compute_method": compute_method, "factored_damping": factored_damping}
     check_dtype("factor_dtype", factor_dtype)
     check_dtype("inv_dtype", inv_dtype, **context)
+    if precondition_dtype is not None:
+        check_dtype("precondition_dtype", precondition_dtype, **context)
     if comm_dtype is None:
         return default_comm_dtype(factor_dtype)
     return check_dtype("comm_dtype", comm_dtype)

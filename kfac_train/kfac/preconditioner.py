@@ -56,6 +56,7 @@ class KFACPreconditioner(DampingMixin):
         grad_scaler: torch.amp.GradScaler | Callable[[], float] | None = None,
         factor_dtype: torch.dtype = torch.float32,
         inv_dtype: torch.dtype = torch.float32,
+        precondition_dtype: torch.dtype | None = None,
         skip_layers: Sequence[str] = (),
         grad_scaling: str = "per_example",
         batchnorm: str = "skip",
@@ -87,14 +88,11 @@ class KFACPreconditioner(DampingMixin):
             accumulation_steps=accumulation_steps,
             bucket_cap_mb=bucket_cap_mb,
         )
-        comm_dtype = check_dtypes(
-            factor_dtype, inv_dtype, comm_dtype, compute_method, factored_damping
-        )
+        dtypes = (factor_dtype, inv_dtype, comm_dtype, precondition_dtype)
+        comm_dtype = check_dtypes(*dtypes, compute_method, factored_damping)
 
-        self.factor_update_steps = factor_update_steps
-        self.inv_update_steps = inv_update_steps
-        self.damping = damping
-        self.factor_decay = factor_decay
+        self.factor_update_steps, self.inv_update_steps = factor_update_steps, inv_update_steps
+        self.damping, self.factor_decay = damping, factor_decay
         self.kl_clip = kl_clip
         self.lr = lr
         self.compute_method = compute_method
@@ -104,6 +102,7 @@ class KFACPreconditioner(DampingMixin):
         options = HandlerOptions(
             factor_dtype=factor_dtype,
             inv_dtype=inv_dtype,
+            precondition_dtype=precondition_dtype,
             compute_method=compute_method,
             factored_damping=factored_damping,
             conv_factor=conv_factor,

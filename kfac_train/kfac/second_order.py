@@ -40,6 +40,8 @@ class SecondOrderMethod(abc.ABC):
     name: str = ""
     #: Checkpoint keys of :attr:`tensors`, in order.
     keys: tuple[str, ...] = ()
+    #: Whether :data:`.batched.STACKED` ``[name]`` computes :meth:`precondition` from tensors.
+    stackable: bool = True
 
     def __init__(
         self,
@@ -50,11 +52,13 @@ class SecondOrderMethod(abc.ABC):
         device: torch.device,
         warner: RateLimitedWarner,
         factored_damping: bool = False,
+        precondition_dtype: torch.dtype | None = None,
     ) -> None:
         self.layer, self.a, self.g = layer, a, g
         self.dtype, self.device = dtype, device
-        self.warner = warner
-        self.factored_damping = factored_damping
+        self.warner, self.factored_damping = warner, factored_damping
+        #: The dtype of the preconditioning products; ``None``: float32 or better.
+        self.precondition_dtype = precondition_dtype
         #: The data in force, or ``None`` before the first update on a rank that holds it.
         self.tensors: list[torch.Tensor] | None = None
 
@@ -217,7 +221,7 @@ class EigenMethod(SecondOrderMethod):
 
     def precondition(self, grad: torch.Tensor) -> torch.Tensor:
         Q_A, Q_G, recip = self.tensors
-        return linalg.precondition_eigen(grad, Q_A, Q_G, recip)
+        return linalg.precondition_eigen(grad, Q_A, Q_G, recip, self.precondition_dtype)
 
 
 class InverseMethod(SecondOrderMethod):
@@ -276,25 +280,11 @@ class InverseMethod(SecondOrderMethod):
 
     def precondition(self, grad: torch.Tensor) -> torch.Tensor:
         A_inv, G_inv = self.tensors
-        return linalg.precondition_inverse(grad, A_inv, G_inv)
+        return linalg.precondition_inverse(grad, A_inv, G_inv, self.precondition_dtype)
 
 
-def make_method(
-    method: str,
-    layer: str,
-    a: int,
-    g: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    warner: RateLimitedWarner,
-    factored_damping: bool = False,
-) -> SecondOrderMethod:
-    """The method object named ``method`` (one of :data:`COMPUTE_METHODS`)."""
-    classes = {EIGEN: EigenMethod, INVERSE: InverseMethod}
-    if method not in classes:
-        raise ValueError(f"compute_method must be one of {COMPUTE_METHODS}, got {method!r}")
-    return classes[method](layer, a, g, dtype, device, warner, factored_damping)
+#: The method classes by ``compute_method`` name (one of :data:`COMPUTE_METHODS`).
+METHODS: dict[str, type[SecondOrderMethod]] = {EIGEN: EigenMethod, INVERSE: InverseMethod}
 
-
-__all__ = ["COMPUTE_METHODS", "EIGEN", "INVERSE", "EigenMethod", "InverseMethod"]
-__all__ += ["SecondOrderMethod", "make_method"]
+__all__ = ["COMPUTE_METHODS", "EIGEN", "INVERSE", "METHODS", "EigenMethod", "InverseMethod"]
+__all__ += ["SecondOrderMethod"]

@@ -134,6 +134,9 @@ def build_preconditioner(
             grad_scaler=scaler,
             factor_dtype=dtype_of(kfac.factor_dtype, "kfac.factor_dtype"),
             inv_dtype=dtype_of(kfac.inv_dtype, "kfac.inv_dtype", kfac),
+            precondition_dtype=dtype_of(kfac.precondition_dtype, "kfac.precondition_dtype", kfac)
+            if kfac.precondition_dtype
+            else None,
             skip_layers=tuple(kfac.skip_layers),
             grad_scaling=kfac.grad_scaling,
             grad_worker_fraction=strategy.grad_worker_fraction,

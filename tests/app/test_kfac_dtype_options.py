@@ -1,5 +1,6 @@
-"""The app's K-FAC dtype options (kfac.factor_dtype, kfac.inv_dtype, strategy.comm_dtype) follow
-the library's dtype policy: unsafe or unknown names stop with one line naming the safe choice."""
+"""The app's K-FAC dtype options (kfac.factor_dtype, kfac.inv_dtype, kfac.precondition_dtype,
+strategy.comm_dtype) follow the library's dtype policy: unsafe or unknown names stop with one line
+naming the safe choice."""
 
 from __future__ import annotations
 
@@ -38,6 +39,14 @@ def _build(kfac: KFACConfig, strategy: StrategyConfig):
             "kfac.inv_dtype=float16: ",
             "use bfloat16 or float32",
         ),
+        ({"precondition_dtype": "float16"}, {}, "kfac.precondition_dtype=float16: ", "bfloat16"),
+        ({"precondition_dtype": "bf16"}, {}, "kfac.precondition_dtype='bf16': ", "bfloat16"),
+        (
+            {"precondition_dtype": "bfloat16", "compute_method": "inverse"},
+            {},
+            "kfac.precondition_dtype=bfloat16: ",
+            "use compute_method=eigen",
+        ),
     ],
 )
 def test_unsafe_dtype_options_stop_with_one_line_naming_the_fix(kfac, strategy, start, fix):
@@ -58,3 +67,10 @@ def test_every_safe_sixteen_bit_choice_builds_a_preconditioner():
         torch.float32,
         torch.float16,
     )
+
+
+def test_precondition_dtype_reaches_every_layers_method_and_defaults_to_float32_or_better():
+    default = _build(KFACConfig(), StrategyConfig())
+    chosen = _build(KFACConfig(precondition_dtype="bfloat16"), StrategyConfig())
+    assert {layer.method.precondition_dtype for layer in default.layers.values()} == {None}
+    assert {layer.method.precondition_dtype for layer in chosen.layers.values()} == {torch.bfloat16}

@@ -107,8 +107,20 @@ def test_an_inverse_update_step_synchronises_the_host_once(method: str, monkeypa
     assert all(block.has_second_order() for block in pre.blocks.values())
 
 
-@pytest.mark.parametrize("method", ["eigen", "inverse"])
-def test_equal_shape_layers_preconditioned_together_match_the_dense_reference(method) -> None:
+@pytest.mark.parametrize(
+    ("method", "precondition_dtype", "bounds"),
+    [
+        ("eigen", None, (0.0, 1e-9)),
+        ("inverse", None, (0.0, 1e-9)),
+        # bfloat16 products (float32 accumulation) on float64 data: they alone limit accuracy.
+        # The eigen method only: with the inverse method they are refused (test_low_precision).
+        ("eigen", torch.bfloat16, (1e-5, 5e-2)),
+    ],
+)
+def test_equal_shape_layers_preconditioned_together_match_the_dense_reference(
+    method, precondition_dtype, bounds
+) -> None:
+    # Layers "0", "2", "4" form a stacked group, "6" is preconditioned alone.
     model, damping = _model(), 1e-2
     factors, grads = oracle.batch_statistics(copy.deepcopy(model), model, LAYERS, _run_backward)
     pre = KFACPreconditioner(
@@ -119,14 +131,17 @@ def test_equal_shape_layers_preconditioned_together_match_the_dense_reference(me
         compute_method=method,
         factor_dtype=torch.float64,
         inv_dtype=torch.float64,
+        precondition_dtype=precondition_dtype,
     )
     model.zero_grad()
     _run_backward(model)
     pre.step()
+    low, high = bounds
     for name in LAYERS:
         expected = oracle.preconditioned(method, *factors[name], grads[name], damping)
         actual = oracle.gradient_matrix(dict(model.named_modules())[name])
-        assert oracle.relative_error(actual, expected) < 1e-9, name
+        assert actual.dtype == torch.float64, name  # written back in the gradient's dtype
+        assert low <= oracle.relative_error(actual, expected) < high, name
 
 
 def test_the_stacked_data_follows_an_in_place_change_of_a_members_data() -> None:

@@ -1,9 +1,9 @@
 """Every dtype option either matches the float64 dense reference or is refused in one line.
 
-The options are ``factor_dtype``, ``inv_dtype`` and ``comm_dtype``, each float64, float32,
-bfloat16 or float16 (``kfac_train.kfac.precision`` holds the policy). Each case varies one option
-and keeps the others in float64, on a float64 model, so the option's dtype alone limits the
-accuracy: the tolerance is a small multiple of that dtype's machine epsilon.
+The options are ``factor_dtype``, ``inv_dtype``, ``precondition_dtype`` and ``comm_dtype``, each
+float64, float32, bfloat16 or float16 (``kfac_train.kfac.precision`` holds the policy). Each case
+varies one option and keeps the others in float64, on a float64 model, so the option's dtype alone
+limits the accuracy: the tolerance is a small multiple of that dtype's machine epsilon.
 
 Two cases are the failures of issue 14. A convolution trained on a *mean* loss has ``G`` entries
 far below float16's smallest number (asserted below): float16 factors used to round it to
@@ -198,6 +198,33 @@ def test_a_bfloat16_model_is_preconditioned_in_float32_and_written_back_in_bfloa
     assert oracle.relative_error(actual, oracle.preconditioned("eigen", A, G, grad, damping)) < 0.1
 
 
+# --- precondition_dtype ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize(
+    ("name", "method"),
+    [(name, method) for name in ("float64", "float32") for method in METHODS]
+    + [("bfloat16", "eigen")],  # bfloat16 with the inverse method is refused (below)
+)
+def test_precondition_dtype_runs_the_products_in_it_within_its_precision(
+    name: str, method: str, reduction: str, device: torch.device
+) -> None:
+    # Factors and second-order data stay float64: the products' dtype alone limits accuracy.
+    # "mean": G about 1e-19, which bfloat16 holds (float32's range).
+    dtype = DTYPES[name]
+    model, run_backward = _conv_problem(reduction, device)
+    damping = 1e-3 if reduction == "sum" else None
+    A, G, grad, damping = _reference(model, run_backward, method, damping)
+
+    _, actual = _one_step(model, run_backward, method, damping, precondition_dtype=dtype)
+
+    error = oracle.relative_error(actual, oracle.preconditioned(method, A, G, grad, damping))
+    assert error < TOLERANCE[dtype]
+    if dtype != torch.float64:  # the option is honoured: float64 products would be ~1e-12
+        assert error > TOLERANCE[torch.float64]
+
+
 # --- refusals ----------------------------------------------------------------------------------
 
 
@@ -208,6 +235,11 @@ def test_a_bfloat16_model_is_preconditioned_in_float32_and_written_back_in_bfloa
         ({"factor_dtype": torch.int32}, "factor_dtype=int32: choose one of"),
         ({"inv_dtype": torch.float8_e4m3fn}, "inv_dtype=float8_e4m3fn: choose one of"),
         ({"comm_dtype": torch.complex64}, "comm_dtype=complex64: choose one of"),
+        ({"precondition_dtype": torch.float16}, "precondition_dtype=float16: "),
+        (
+            {"precondition_dtype": torch.bfloat16, "compute_method": "inverse"},
+            "precondition_dtype=bfloat16: with compute_method=inverse",
+        ),
         (
             {"inv_dtype": torch.float16, "compute_method": "inverse", "factored_damping": True},
             "inv_dtype=float16: with compute_method=inverse and factored_damping",
