@@ -295,6 +295,12 @@ def parse_args() -> argparse.Namespace:
         help="add (10, 100) configurations with async_inverse=True (see async_configurations)",
     )
     parser.add_argument(
+        "--factor-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="K-FAC factor_dtype of every configuration (bfloat16: 16-bit statistics)",
+    )
+    parser.add_argument(
         "--bf16-kfac",
         action="store_true",
         help="add the eigen configurations with inv_dtype and precondition_dtype bfloat16 "
@@ -526,6 +532,7 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     KFAC_HYPERPARAMETERS["conv_factor"] = args.conv_factor
+    KFAC_HYPERPARAMETERS["factor_dtype"] = getattr(torch, args.factor_dtype)
     device = torch.device(args.device)
     if args.profile is not None:
         profile(args.profile, args, device)

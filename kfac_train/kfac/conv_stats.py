@@ -22,9 +22,9 @@ sums ``Σ p`` (window sums of the batch-summed image) and its corner is ``1``.
 Memory: one channels-last copy of the padded input in the statistic dtype and, at a time, the
 two gathered operands of one GEMM (at most ``B·H_out·W_out·C`` elements each).
 
-Stride-1 layers with float32/float64 statistics take a faster route
-(:mod:`.conv_correlation`: the same blocks from the input's autocorrelation, by convolution
-weight-gradient kernels); this module's GEMMs serve the other strides and 16-bit statistics.
+Stride-1 layers take a faster route (:mod:`.conv_correlation`: the same blocks from the input's
+autocorrelation, by convolution weight-gradient kernels); this module's GEMMs serve the other
+strides and float16 statistics.
 """
 
 from __future__ import annotations
@@ -155,21 +155,25 @@ def _product(
     return (lhs.T @ rhs).to(acc), 2 * copies * lhs.numel() * lhs.element_size()
 
 
+def _low_precision_scale(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``σ/√N`` for 16-bit statistics: ``σ`` a power of two with ``σ·max(|x|, 1) ≤ 1`` and ``N``
+    the pixels of the padded batch, so that no partial sum of products leaves ``[-1, 1]``
+    (Cauchy–Schwarz). A 0-d float32 tensor on ``x``'s device (no host synchronisation)."""
+    left, right, top, bottom = module._reversed_padding_repeated_twice
+    n_est = x.shape[0] * (x.shape[2] + top + bottom) * (x.shape[3] + left + right)
+    amax = torch.maximum(x.detach().abs().amax().float(), torch.ones((), device=x.device))
+    return power_of_two_scale(amax) / math.sqrt(n_est)
+
+
 def _shifted_gemm_moment(
-    module: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype
+    module: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype, factor: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Any stride and dtype: ``(Σ_rows p pᵀ, totals, working_bytes)`` from one GEMM per group of
     offset pairs plus strips (module docstring), and the batch-summed padded image ``totals``
-    ``(H_pad, W_pad, C)``. 16-bit inputs are scaled by ``σ/√N`` first and the results scaled
-    back, in float32."""
+    ``(H_pad, W_pad, C)``. 16-bit inputs are multiplied by ``factor`` first (the results stay
+    scaled: by ``factor²`` and ``factor``), and the products are accumulated in float32."""
     acc = compute_dtype(dtype) if dtype in LOW_PRECISION else dtype
-    batch, channels = x.shape[0], x.shape[1]
-    factor = None
-    if dtype in LOW_PRECISION:
-        left, right, top, bottom = module._reversed_padding_repeated_twice
-        n_est = batch * (x.shape[2] + top + bottom) * (x.shape[3] + left + right)
-        amax = torch.maximum(x.detach().abs().amax().float(), torch.ones((), device=x.device))
-        factor = power_of_two_scale(amax) / math.sqrt(n_est)
+    channels = x.shape[1]
     image = _padded_channels_last(module, x, dtype, factor)
     kernel, dilation, stride = (
         tuple(module.kernel_size),
@@ -197,8 +201,6 @@ def _shifted_gemm_moment(
     width = channels * size
     inner = blocks.permute(2, 0, 3, 1).reshape(width, width)
     totals = image.sum(0, dtype=acc)  # (H_pad, W_pad, C): the batch-summed image
-    if factor is not None:
-        inner, totals = inner / (factor * factor), totals / factor
     copies = (module.padding_mode != "zeros") + (factor is not None)  # padded / scaled input
     working = image.numel() * image.element_size() + copies * image.numel() * 4
     working += operands + 3 * blocks.numel() * blocks.element_size()  # blocks, their copies
@@ -219,11 +221,11 @@ def patch_second_moment(
     ``r = [p, 1]`` of ``module`` applied to ``x`` (``(B, C, H, W)``, any memory format), the
     ``1`` only when the layer has a bias; shape ``(C·kh·kw [+1])²``, columns ``(c, i, j)``.
 
-    Stride 1 in float32/float64: from the input's autocorrelation (:mod:`.conv_correlation`,
-    convolution weight-gradient kernels); otherwise from shifted GEMMs (module docstring), where
-    bfloat16/float16 inputs are first scaled by ``σ/√N`` (``σ`` a power of two with
-    ``σ·max|x| ≤ 1``, as :func:`~kfac_train.kfac.precision.gram_mean` does), so no partial sum
-    leaves ``[-1, 1]``, and ``M`` is returned in float32. ``S = H_out·W_out``;
+    Stride 1 (except float16): from the input's autocorrelation (:mod:`.conv_correlation`,
+    convolution weight-gradient kernels); otherwise from shifted GEMMs (module docstring).
+    bfloat16/float16 inputs are first scaled by ``σ/√N`` (:func:`_low_precision_scale`, as
+    :func:`~kfac_train.kfac.precision.gram_mean` does), so no partial sum leaves ``[-1, 1]``,
+    and ``M`` is returned in float32. ``S = H_out·W_out``;
     ``working_bytes`` is the largest transient this call held (padded copy, operands, blocks).
     """
     kernel, dilation, stride = (
@@ -231,10 +233,15 @@ def patch_second_moment(
         tuple(module.dilation),
         tuple(module.stride),
     )
-    if stride == (1, 1) and dtype in (torch.float32, torch.float64):
-        inner, totals, working = stride_one_moment(module, x, dtype)
+    factor = _low_precision_scale(module, x) if dtype in LOW_PRECISION else None
+    # float16 keeps the shifted GEMMs: its weight-gradient kernels lose precision on CPU
+    # (relative error 1.4e-3 against 1.7e-4) and are slower there for wide layers.
+    if stride == (1, 1) and dtype != torch.float16:
+        inner, totals, working = stride_one_moment(module, x, dtype, factor)
     else:
-        inner, totals, working = _shifted_gemm_moment(module, x, dtype)
+        inner, totals, working = _shifted_gemm_moment(module, x, dtype, factor)
+    if factor is not None:
+        inner, totals = inner / (factor * factor), totals / factor
     out = _output_size(totals.shape[:2], kernel, dilation, stride)
     rows = x.shape[0] * out[0] * out[1]
     width, bias = inner.shape[0], module.bias is not None

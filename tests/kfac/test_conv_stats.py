@@ -148,6 +148,32 @@ def test_stride_one_takes_the_autocorrelation_path_and_matches_the_oracle(
     torch.testing.assert_close(statistic, _oracle_A(conv, x), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("case", ["3x3-pad1", "reflect-3x3", "5x5-pad2"])
+def test_bfloat16_stride_one_takes_the_autocorrelation_path_within_its_precision(
+    case: str, monkeypatch
+) -> None:
+    """bfloat16 statistics of a stride-1 layer: the weight-gradient kernels on the scaled input
+    (strips subtracted in float32), not the shifted GEMMs; float16 keeps the shifted GEMMs."""
+    real = conv_stats.stride_one_moment
+    taken = []
+
+    def spy(module, x, dtype, scale=None):
+        taken.append(dtype)
+        return real(module, x, dtype, scale)
+
+    monkeypatch.setattr(conv_stats, "stride_one_moment", spy)
+    torch.manual_seed(6)
+    conv = nn.Conv2d(3, 2, **CASES[case]).double()
+    x = 40.0 * torch.randn(4, 3, 9, 8, dtype=torch.float64) + 10.0  # scaled into range
+    expected = _oracle_A(conv, x)
+    for dtype in (torch.bfloat16, torch.float16):
+        statistic, _ = Conv2dHandler().input_statistic(conv, x, dtype)
+        assert statistic.dtype == torch.float32
+        error = oracle.relative_error(statistic.double(), expected)
+        assert error < 1e-2, (dtype, error)  # bfloat16 rounds to 3.9e-3, float16 to 4.9e-4
+    assert taken == [torch.bfloat16]
+
+
 def test_the_autocorrelation_factor_is_exactly_symmetric() -> None:
     torch.manual_seed(5)
     conv = nn.Conv2d(5, 3, 3, padding=1)

@@ -168,6 +168,24 @@ def _all_runs() -> list[Run]:
                 lr=FLOAT64_LEARNING_RATE,
             )
         )
+    # bfloat16 second-order data and products: every strategy still gives the same update, to
+    # bfloat16's precision (a strategy changes which equal-shape layers a rank stacks into one
+    # bmm, so float32 accumulations may differ in the last bits and round to another bfloat16).
+    for variant in ("comm-opt", "mem-opt/tiny-buckets/no-overlap"):
+        runs.append(
+            Run(
+                f"eigen/bf16-products/{variant}",
+                {
+                    **FLOAT32_KWARGS,
+                    **STRATEGY_VARIANTS[variant],
+                    "compute_method": "eigen",
+                    "inv_dtype": torch.bfloat16,
+                    "precondition_dtype": torch.bfloat16,
+                },
+                compare_to=None if variant == "comm-opt" else "eigen/bf16-products/comm-opt",
+                tolerance=1e-2,  # bfloat16's epsilon is 7.8e-3
+            )
+        )
     runs.append(
         Run(
             "accounting/bf16-comm/f64-second-order",
