@@ -32,6 +32,7 @@ from kfac_train.engine.signals import requeue_after_stop
 from kfac_train.errors import UserError
 from kfac_train.hydra_setup import launch_run_id, register_configs
 from kfac_train.optim.first_order import build_optimizer
+from kfac_train.optim.graft import LayerwiseGraft
 from kfac_train.optim.preconditioner import build_preconditioner
 from kfac_train.registry import DATA, LOGGERS, MODELS, TASKS
 from kfac_train.schedules.controller import ScheduleController
@@ -157,6 +158,11 @@ def _train(config: RunConfig, cfg: DictConfig | RunConfig, dist_info: DistInfo) 
         accumulation_steps=plan.accumulation_steps,
         grad_scaler=scaler,
     )
+    graft = (
+        LayerwiseGraft.for_preconditioner(preconditioner)
+        if config.optim.preconditioner == "kfac" and config.kfac.graft
+        else None
+    )
     model = torch.compile(wrapped) if config.trainer.compile else wrapped
     schedule = ScheduleController(
         optimizer,
@@ -198,6 +204,7 @@ def _train(config: RunConfig, cfg: DictConfig | RunConfig, dist_info: DistInfo) 
         config_yaml=config_yaml,
         outputs=outputs,
         loggers=loggers,
+        graft=graft,
     )
     trainer = Trainer(parts)
     # Per-rank random streams (dropout, augmentation) from here on; weights were initialised

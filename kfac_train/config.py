@@ -262,7 +262,9 @@ class KFACConfig:
     (`Task.sample_fisher_loss`); `empirical`: from the true loss. `factor_init`: the running
     averages start at the identity (KAISA, kfac-pytorch) or, with `first_batch`, at the first step's
     statistics (factor decay 0 at step 0), so early factors have the data's scale whatever the
-    convention.
+    convention. `graft`: layer-wise grafting (`kfac_train.optim.graft`): each preconditioned
+    tensor moves along K-FAC's direction by the length of the base optimizer's step on the plain
+    gradient.
     """
 
     factor_update_steps: int = within(10, AT_LEAST_ONE)
@@ -297,6 +299,7 @@ class KFACConfig:
     max_damping: float = within(100.0, POSITIVE)
     async_inverse: bool = False
     async_delay: int = within(1, AT_LEAST_ONE)
+    graft: bool = False
 
 
 @dataclass

@@ -136,6 +136,22 @@ def check_fisher(config: RunConfig) -> None:
         )
 
 
+def check_graft(config: RunConfig) -> None:
+    """``kfac.graft`` moves whole tensors: it needs K-FAC and unsharded (DDP) parameters."""
+    if not config.kfac.graft:
+        return
+    if config.optim.preconditioner != "kfac":
+        raise UserError(
+            f"kfac.graft=true grafts K-FAC's direction, but optim.preconditioner="
+            f"{config.optim.preconditioner}: use optim=kfac or kfac.graft=false"
+        )
+    if config.trainer.parallelism != "ddp":
+        raise UserError(
+            f"kfac.graft=true needs whole parameters on every rank, but trainer.parallelism="
+            f"{config.trainer.parallelism} shards them: use trainer.parallelism=ddp"
+        )
+
+
 def check_run(config: RunConfig, world_size: int) -> None:
     plan_batches(config.batch.size, config.trainer.micro_batch, world_size)
     trainer, schedule = config.trainer, config.schedule
@@ -166,5 +182,6 @@ def validate(config: RunConfig, world_size: int | None = None) -> None:
     check_registered(config)
     check_kfac(config.kfac)
     check_fisher(config)
+    check_graft(config)
     check_grad_worker_fraction(config.strategy.grad_worker_fraction, world)
     check_run(config, world)

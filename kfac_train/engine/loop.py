@@ -6,7 +6,9 @@ One optimizer step:
 2. ``scaler.unscale_(optimizer)`` (a no-op unless fp16), optional gradient clipping;
 3. the schedule sets this step's lr (and tied momentum);
 4. ``preconditioner.step()`` — K-FAC, or the no-op preconditioner of the baselines;
-5. ``scaler.step(optimizer)``, ``scaler.update()``, ``zero_grad``, ``task.after_optimizer_step``;
+5. ``scaler.step(optimizer)``, ``scaler.update()``, ``zero_grad``, ``task.after_optimizer_step``
+   (with ``kfac.graft``, steps 4–5 go through `LayerwiseGraft.step`: the base optimizer steps on
+   the plain gradients and K-FAC's direction takes each step's length);
 6. with ``kfac.adaptive_damping``, on due steps: the last micro-batch's loss again (no grad)
    for K-FAC's Levenberg–Marquardt damping (`_adapt_damping`).
 
@@ -69,6 +71,7 @@ from kfac_train.engine.signals import (
 )
 from kfac_train.errors import UserError
 from kfac_train.loggers.base import RunLogger
+from kfac_train.optim.graft import LayerwiseGraft
 from kfac_train.optim.preconditioner import Preconditioner
 from kfac_train.schedules.controller import ScheduleController
 from kfac_train.tasks.base import Task
@@ -98,6 +101,7 @@ class Components:
     config_yaml: str
     outputs: RunOutputs | None = None
     loggers: list[RunLogger] = field(default_factory=list)
+    graft: LayerwiseGraft | None = None  # kfac.graft: K-FAC's direction, the base's step length
 
 
 class Trainer:
@@ -298,8 +302,11 @@ class Trainer:
         if self.cfg.optim.grad_clip_norm is not None:
             nn.utils.clip_grad_norm_(p.module.parameters(), self.cfg.optim.grad_clip_norm)
         p.schedule.apply(self.position.step)
-        p.preconditioner.step()
-        p.scaler.step(p.optimizer)
+        if p.graft is None:
+            p.preconditioner.step()
+            p.scaler.step(p.optimizer)
+        else:
+            p.graft.step(p.preconditioner.step, lambda: p.scaler.step(p.optimizer))
         p.scaler.update()
         p.optimizer.zero_grad(set_to_none=True)
         p.task.after_optimizer_step(p.module)
