@@ -137,7 +137,8 @@ def check_fisher(config: RunConfig) -> None:
 
 
 def check_graft(config: RunConfig) -> None:
-    """``kfac.graft`` moves whole tensors: it needs K-FAC and unsharded (DDP) parameters."""
+    """``kfac.graft`` moves whole tensors by the base optimizer's step length: it needs K-FAC,
+    unsharded (DDP) parameters and a fixed damping (adaptive damping models the step -lr·V)."""
     if not config.kfac.graft:
         return
     if config.optim.preconditioner != "kfac":
@@ -149,6 +150,12 @@ def check_graft(config: RunConfig) -> None:
         raise UserError(
             f"kfac.graft=true needs whole parameters on every rank, but trainer.parallelism="
             f"{config.trainer.parallelism} shards them: use trainer.parallelism=ddp"
+        )
+    if config.kfac.adaptive_damping:
+        raise UserError(
+            "kfac.graft=true with kfac.adaptive_damping=true: the damping's quadratic model "
+            "predicts the step -lr·V, but grafting takes the base optimizer's step length; "
+            "set one of them to false"
         )
 
 

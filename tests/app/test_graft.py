@@ -4,7 +4,8 @@ Specification (``kfac_train/optim/graft.py``): each grafted tensor moves by
 ``−‖Δ_base‖ · V/‖V‖``, where ``Δ_base`` is what the base optimizer does from the plain gradient
 and ``V`` K-FAC's preconditioned gradient; other parameters take the base update; the base
 optimizer's state is built from plain gradients; a skipped base step or a zero ``V`` moves
-nothing; two gloo ranks stay identical; the app refuses it without K-FAC or with FSDP.
+nothing; two gloo ranks stay identical; the app refuses it without K-FAC, with FSDP and with
+adaptive damping (whose quadratic model predicts the step ``−lr·V``).
 """
 
 from __future__ import annotations
@@ -153,9 +154,15 @@ def test_two_gloo_ranks_stay_identical() -> None:
             ["optim=kfac", "kfac.graft=true", "trainer.parallelism=fsdp"],
             "kfac.graft=true needs whole parameters",
         ),
+        (
+            ["optim=kfac", "kfac.graft=true", "kfac.adaptive_damping=true"],
+            "kfac.graft=true with kfac.adaptive_damping=true",
+        ),
     ],
 )
-def test_the_app_refuses_grafting_without_kfac_or_with_sharded_parameters(overrides, message):
+def test_the_app_refuses_grafting_without_kfac_with_sharding_or_with_adaptive_damping(
+    overrides, message
+):
     config = to_run_config(compose_config(overrides))
     with pytest.raises(UserError) as error:
         validate(config, world_size=1)
