@@ -14,6 +14,9 @@ normalisation, trust ratio) is the tuned baseline's, and K-FAC decides only wher
 moves. Why: an adaptive base optimizer applied *after* the preconditioner (``optim=kfac`` without
 grafting) normalises K-FAC's direction away per coordinate (docs/convergence.md, BERT).
 
+The base step's weight decay contributes to the length only: the direction is K-FAC's ``V``
+(which carries no decay), as in grafting's published form.
+
 Grafting keeps no state of its own (checkpoints and resume are unchanged). A skipped base step
 (AMP's GradScaler on an overflow) leaves ``θ`` where it was: the step length is then 0. Every rank
 computes the same thing from the same preconditioned gradients, so the ranks stay identical.
